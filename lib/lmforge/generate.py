@@ -1,0 +1,204 @@
+"""Sampling with the KV cache: temperature, top-k, top-p, stop tokens, batched prompts.
+
+Prompts of unequal length are left-padded so every row's next token sits in the
+same column; a key-padding mask hides the pads and position ids count only real
+tokens, so a row's tokens are the ones it would get alone. One preallocated
+cache per batch: the prompt is run once (prefill), then one token per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.errors import LmforgeError
+from lmforge.model import Transformer, padded_position_ids
+
+
+@dataclass
+class GenerationOutput:
+    tokens: list[list[int]]
+    """Completion ids per prompt (the stop token included when hit)."""
+    logprobs: list[torch.Tensor]
+    """Per completion token, its log-prob under log_softmax(logits / temperature) (greedy: temperature 1)."""
+    finished: list[bool]
+    """Whether the row reached a stop token (False: it ran out of max_new_tokens or context)."""
+
+
+def sample_next_token(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick one token per row from logits (B, V). Returns (tokens (B,), their log-probs (B,)).
+
+    The log-prob is under the unfiltered distribution at this temperature (what a
+    policy-gradient method needs); top-k/top-p only restrict what may be drawn.
+    temperature 0 is greedy (argmax), scored at temperature 1.
+    """
+    logits = logits.float()
+    if temperature == 0:
+        tokens = logits.argmax(dim=-1)
+        logp = F.log_softmax(logits, dim=-1)
+    else:
+        logits = logits / temperature
+        logp = F.log_softmax(logits, dim=-1)
+        probs = F.softmax(_filter(logits, top_k, top_p), dim=-1)
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set to -inf every logit outside the top k and outside the smallest set with probability >= top_p."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the more likely ones already reach top_p (the top one always stays).
+        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def _check_args(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+    if max_new_tokens < 0:
+        raise LmforgeError(f"max_new_tokens ({max_new_tokens}) must be >= 0")
+    if temperature < 0:
+        raise LmforgeError(f"temperature ({temperature}) must be >= 0 (0 = greedy)")
+    if top_k < 0:
+        raise LmforgeError(f"top_k ({top_k}) must be >= 0 (0 = off)")
+    if not 0.0 < top_p <= 1.0:
+        raise LmforgeError(f"top_p ({top_p}) must be in (0, 1]")
+
+
+def _budgets(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[int]:
+    """New tokens each prompt may get: max_new_tokens capped by the context left after it."""
+    limit = model.cfg.max_seq_len
+    budgets = []
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise LmforgeError(f"prompt {i} is empty; generation needs at least one token to condition on")
+        if len(p) > limit:
+            raise LmforgeError(f"prompt {i} has {len(p)} tokens, more than model.max_seq_len ({limit})")
+        budgets.append(min(max_new_tokens, limit - len(p)))
+    return budgets
+
+
+def _decode(model: Transformer, prompts: Sequence[Sequence[int]], budgets: list[int], *, temperature: float,
+            top_k: int, top_p: float, stop_ids: Sequence[int], pad_id: int,
+            generator: torch.Generator | None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield, per step, (tokens (B,), logprobs (B,), emitted (B,) bool, hit_stop (B,) bool) for one batch.
+
+    Rows that are done (stop token or budget reached) get pad tokens that the
+    mask hides, and the loop ends when every row is done.
+    """
+    device = model.embed_tokens.weight.device
+    B, P, steps = len(prompts), max(len(p) for p in prompts), max(budgets)
+    if steps == 0:
+        return
+    # The mask covers the whole run up front: prompt columns now, one column per step later.
+    ids = torch.full((B, P), pad_id, dtype=torch.long)
+    mask = torch.zeros(B, P + steps, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        mask[i, P - len(p):P] = True
+    ids, mask = ids.to(device), mask.to(device)
+    budget = torch.tensor(budgets, device=device)
+    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+
+    cache = model.new_cache(B, P + steps - 1)  # the last sampled token is never fed back
+    positions = padded_position_ids(mask[:, :P])
+    logits = _last_logits(model, ids, positions, mask[:, :P], cache)
+    next_pos = positions[:, -1] + 1
+    done = budget == 0
+    for step in range(steps):
+        tokens, logprobs = sample_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                                             generator=generator)
+        emitted = ~done
+        hit_stop = emitted & torch.isin(tokens, stops)
+        yield tokens, logprobs, emitted, hit_stop
+        done = done | hit_stop | (budget <= step + 1)
+        if step + 1 == steps or bool(done.all()):
+            return
+        mask[:, P + step] = ~done
+        feed = torch.where(done, torch.full_like(tokens, pad_id), tokens)
+        logits = _last_logits(model, feed[:, None], next_pos[:, None], mask[:, :P + step + 1], cache)
+        # Finished rows keep feeding hidden pads; clamping keeps their positions inside the tables.
+        next_pos = (next_pos + 1).clamp(max=model.cfg.max_seq_len - 1)
+
+
+def _last_logits(model: Transformer, ids, positions, mask, cache) -> torch.Tensor:
+    """Logits (B, V) at the last column only: the vocab projection of the prompt would be wasted work."""
+    h = model.hidden_states(ids, position_ids=positions, key_padding_mask=mask, cache=cache)
+    return model.lm_head(h[:, -1])
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, stop_ids: Sequence[int] = (), pad_id: int = 0,
+             generator: torch.Generator | None = None, batch_size: int | None = None) -> GenerationOutput:
+    """Complete every prompt (lists of token ids) with up to max_new_tokens tokens.
+
+    Prompts are processed in order, batch_size at a time (default: all at once).
+    The same generator seed gives the same samples. The model runs in eval mode
+    and gets its previous mode back afterwards.
+    """
+    _check_args(max_new_tokens, temperature, top_k, top_p)
+    budgets = _budgets(model, prompts, max_new_tokens)
+    batch_size = batch_size or max(len(prompts), 1)
+    out = GenerationOutput(tokens=[], logprobs=[], finished=[])
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = slice(start, start + batch_size)
+            _generate_batch(model, prompts[chunk], budgets[chunk], out, temperature=temperature, top_k=top_k,
+                            top_p=top_p, stop_ids=stop_ids, pad_id=pad_id, generator=generator)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _generate_batch(model, prompts, budgets, out: GenerationOutput, **kw) -> None:
+    """Run one batch and append its rows to out."""
+    toks, lps, emits, finished = [], [], [], torch.zeros(len(prompts), dtype=torch.bool)
+    for tokens, logprobs, emitted, hit_stop in _decode(model, prompts, budgets, **kw):
+        toks.append(tokens)
+        lps.append(logprobs)
+        emits.append(emitted)
+        finished |= hit_stop.cpu()
+    if not toks:
+        out.tokens += [[] for _ in prompts]
+        out.logprobs += [torch.zeros(0) for _ in prompts]
+        out.finished += [False] * len(prompts)
+        return
+    # Emitted tokens of a row form a prefix of its columns (done is sticky).
+    tokens, logprobs = torch.stack(toks, 1).cpu(), torch.stack(lps, 1).float().cpu()
+    lengths = torch.stack(emits, 1).sum(1).cpu()
+    for i, n in enumerate(lengths.tolist()):
+        out.tokens.append(tokens[i, :n].tolist())
+        out.logprobs.append(logprobs[i, :n])
+        out.finished.append(bool(finished[i]))
+
+
+@torch.no_grad()
+def stream(model: Transformer, prompt_ids: Sequence[int], *, max_new_tokens: int, temperature: float = 1.0,
+           top_k: int = 0, top_p: float = 1.0, stop_ids: Sequence[int] = (),
+           generator: torch.Generator | None = None) -> Iterator[int]:
+    """Yield the completion of one prompt a token at a time (the stop token, when hit, is yielded last).
+
+    Same tokens as ``generate`` with the same arguments and seed.
+    """
+    _check_args(max_new_tokens, temperature, top_k, top_p)
+    budgets = _budgets(model, [prompt_ids], max_new_tokens)
+    was_training = model.training
+    model.eval()
+    try:
+        for tokens, _, _, _ in _decode(model, [prompt_ids], budgets, temperature=temperature, top_k=top_k,
+                                       top_p=top_p, stop_ids=stop_ids, pad_id=0, generator=generator):
+            yield int(tokens[0])
+    finally:
+        model.train(was_training)

@@ -1,0 +1,636 @@
+"""The decoder-only transformer: every architecture option in one readable file.
+
+Read top to bottom: the config and its validation, positional encodings
+(rope / yarn / alibi / sinusoidal / learned), the one attention-mask builder,
+the KV cache, the blocks (attention, MLP), the model, and the thin reward and
+value wrappers used by the alignment stages.
+
+Module names mirror Hugging Face Llama (``embed_tokens``, ``layers.N.self_attn.q_proj``,
+``mlp.gate_proj``, ``input_layernorm``, ``norm``, ``lm_head`` …) so that LoRA
+target names and the safetensors export need no translation table.
+
+Shapes: B batch, T new tokens, S keys (cached + new), H query heads,
+K key/value heads, hd head dim, D d_model, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.errors import LmforgeError
+
+POSITIONAL_ENCODINGS = ("rope", "yarn", "alibi", "sinusoidal", "learned")
+ATTENTION_TYPES = ("mha", "mqa", "gqa")
+NORM_TYPES = ("rmsnorm", "layernorm")
+ACTIVATIONS = ("swiglu", "gelu", "relu", "silu", "leaky_relu")
+
+# YaRN's ramp bounds (alpha, beta in the paper): dimensions that rotate fewer
+# than alpha times over the trained context are fully interpolated, those that
+# rotate more than beta times are left untouched.
+YARN_ALPHA = 1.0
+YARN_BETA = 32.0
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the decoder-only transformer (the ``model:`` config section)."""
+
+    vocab_size: int = 2048
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None
+    """None follows attention_type (mha: n_heads, mqa: 1); gqa needs it set."""
+    d_ff: int | None = None
+    """None: swiglu rounds 8/3*d_model up to a multiple of 64; other activations use 4*d_model."""
+    max_seq_len: int = 256
+    dropout: float = 0.0
+    positional_encoding: str = "rope"
+    """rope | yarn | alibi | sinusoidal | learned"""
+    rope_theta: float = 10000.0
+    rope_scaling_factor: float = 1.0
+    """yarn: context extension factor s."""
+    original_max_seq_len: int | None = None
+    """yarn: the context the model was trained at."""
+    attention_type: str = "gqa"
+    """mha | mqa | gqa"""
+    sliding_window: int | None = None
+    """None/0: full causal; w: each token sees the last w tokens (itself included)."""
+    attention_bias: bool = False
+    """Bias on q/k/v projections (Qwen2-style); o_proj never has one."""
+    norm_type: str = "rmsnorm"
+    """rmsnorm | layernorm"""
+    norm_eps: float = 1e-5
+    activation: str = "swiglu"
+    """swiglu | gelu | relu | silu | leaky_relu"""
+    tie_embeddings: bool = True
+
+    # ---- derived sizes (the None defaults resolved)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """The number of key/value heads after resolving ``n_kv_heads=None``."""
+        if self.n_kv_heads is not None:
+            return self.n_kv_heads
+        return 1 if self.attention_type == "mqa" else self.n_heads
+
+    @property
+    def ff_dim(self) -> int:
+        """The MLP hidden size after resolving ``d_ff=None``."""
+        if self.d_ff is not None:
+            return self.d_ff
+        if self.activation == "swiglu":
+            # 8/3*d keeps swiglu's three matrices at the parameter count of a 4*d two-matrix MLP.
+            return 64 * math.ceil(int(8 * self.d_model / 3) / 64)
+        return 4 * self.d_model
+
+    @property
+    def window(self) -> int | None:
+        """The sliding window, with 0 normalised to None (full causal attention)."""
+        return self.sliding_window or None
+
+    # ---- validation and (de)serialisation
+
+    def validate(self) -> "ModelConfig":
+        """Check every field and the rules between fields; raise LmforgeError naming ``model.<key>``."""
+        for key in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+            _check_positive_int(key, getattr(self, key))
+        for key in ("n_kv_heads", "d_ff", "original_max_seq_len"):
+            if getattr(self, key) is not None:
+                _check_positive_int(key, getattr(self, key))
+        if self.sliding_window is not None:
+            _check_int(self.sliding_window, "sliding_window")
+            if self.sliding_window < 0:
+                raise LmforgeError(f"model.sliding_window ({self.sliding_window}) must be >= 0 (0 or null = no window)")
+        _check_choice("positional_encoding", self.positional_encoding, POSITIONAL_ENCODINGS)
+        _check_choice("attention_type", self.attention_type, ATTENTION_TYPES)
+        _check_choice("norm_type", self.norm_type, NORM_TYPES)
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise LmforgeError(f"model.dropout ({self.dropout!r}) must be a number in [0, 1)")
+        if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
+            raise LmforgeError(f"model.norm_eps ({self.norm_eps!r}) must be a positive number")
+        if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
+            raise LmforgeError(f"model.rope_theta ({self.rope_theta!r}) must be a positive number")
+        for key in ("attention_bias", "tie_embeddings"):
+            if not isinstance(getattr(self, key), bool):
+                raise LmforgeError(f"model.{key} ({getattr(self, key)!r}) must be true or false")
+
+        if self.d_model % self.n_heads:
+            raise LmforgeError(
+                f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})")
+        self._validate_kv_heads()
+        if self.positional_encoding in ("rope", "yarn") and self.head_dim % 2:
+            raise LmforgeError(
+                f"model.positional_encoding '{self.positional_encoding}' rotates pairs of dimensions, so the "
+                f"head dim model.d_model / model.n_heads ({self.d_model}/{self.n_heads} = {self.head_dim}) must be even")
+        if self.positional_encoding == "sinusoidal" and self.d_model % 2:
+            raise LmforgeError(f"model.positional_encoding 'sinusoidal' needs an even model.d_model ({self.d_model})")
+        if self.window is not None and self.window > self.max_seq_len:
+            raise LmforgeError(
+                f"model.sliding_window ({self.sliding_window}) is larger than model.max_seq_len ({self.max_seq_len})")
+        if self.positional_encoding == "yarn":
+            if self.original_max_seq_len is None:
+                raise LmforgeError(
+                    "model.positional_encoding 'yarn' needs model.original_max_seq_len "
+                    "(the context length the model was trained at)")
+            if not (isinstance(self.rope_scaling_factor, (int, float)) and self.rope_scaling_factor >= 1):
+                raise LmforgeError(
+                    f"model.positional_encoding 'yarn' needs model.rope_scaling_factor >= 1 "
+                    f"(got {self.rope_scaling_factor!r})")
+        return self
+
+    def _validate_kv_heads(self) -> None:
+        kv = self.n_kv_heads
+        if self.attention_type == "mha" and kv not in (None, self.n_heads):
+            raise LmforgeError(
+                f"model.attention_type 'mha' needs model.n_kv_heads null or equal to model.n_heads "
+                f"({self.n_heads}), got {kv}")
+        if self.attention_type == "mqa" and kv not in (None, 1):
+            raise LmforgeError(f"model.attention_type 'mqa' needs model.n_kv_heads null or 1, got {kv}")
+        if self.attention_type == "gqa" and kv is None:
+            raise LmforgeError(
+                "model.attention_type 'gqa' needs model.n_kv_heads set (a divisor of model.n_heads)")
+        if self.n_heads % self.kv_heads:
+            raise LmforgeError(
+                f"model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads ({self.kv_heads})")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        """Build and validate a config; unknown keys are an error (they are usually typos)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise LmforgeError(
+                f"unknown key(s) in the model config: {', '.join('model.' + k for k in unknown)} "
+                f"(known keys: {', '.join(sorted(known))})")
+        return cls(**d).validate()
+
+
+def _check_int(value, key: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise LmforgeError(f"model.{key} ({value!r}) must be an integer")
+
+
+def _check_positive_int(key: str, value) -> None:
+    _check_int(value, key)
+    if value < 1:
+        raise LmforgeError(f"model.{key} ({value}) must be a positive integer")
+
+
+def _check_choice(key: str, value, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise LmforgeError(f"model.{key} ({value!r}) must be one of: {', '.join(allowed)}")
+
+
+# --------------------------------------------------------------------------- positions
+
+
+def rope_frequencies(head_dim: int, theta: float) -> torch.Tensor:
+    """Rotation speed of each dimension pair, theta^(-2i/hd). Returns (hd/2,)."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+
+
+def yarn_frequencies(head_dim: int, theta: float, factor: float, original_len: int) -> torch.Tensor:
+    """YaRN "NTK-by-parts" frequencies (Peng et al. 2023, eq. 18-20). Returns (hd/2,).
+
+    A pair that turns r = L / wavelength times over the trained context L keeps
+    its frequency when r > beta (high frequencies carry local order), is divided
+    by the factor s when r < alpha (low frequencies must be interpolated to stay
+    in the trained range), and is blended linearly in between.
+    """
+    freqs = rope_frequencies(head_dim, theta)
+    rotations = original_len * freqs / (2 * math.pi)
+    gamma = ((rotations - YARN_ALPHA) / (YARN_BETA - YARN_ALPHA)).clamp(0.0, 1.0)
+    return (1 - gamma) * freqs / factor + gamma * freqs
+
+
+def yarn_attention_scale(factor: float) -> float:
+    """YaRN's sqrt(1/t) = 0.1 ln(s) + 1, applied to both q and k (so logits scale by its square)."""
+    return 0.1 * math.log(factor) + 1.0
+
+
+def rope_tables(freqs: torch.Tensor, max_len: int, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position * frequency, each (max_len, hd), halves repeated (rotate-half layout)."""
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), freqs)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos() * scale, angles.sin() * scale
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate dimension pairs (i, i + hd/2) of x (B, heads, T, hd) by the angles in cos/sin (B|1, 1, T, hd)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """ALiBi head slopes (Press et al. 2022): the geometric sequence 2^(-8/n), 2^(-16/n), … .
+
+    For a head count that is not a power of two, take the slopes of the closest
+    smaller power of two m, then every other slope of 2m heads until n are filled.
+    """
+    def power_of_two(n: int) -> list[float]:
+        return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
+
+    m = 2 ** math.floor(math.log2(n_heads))
+    slopes = power_of_two(m) + power_of_two(2 * m)[0::2][: n_heads - m]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def sinusoidal_table(max_len: int, d_model: int) -> torch.Tensor:
+    """The fixed table of Vaswani et al.: even dims sin(pos/10000^(2i/d)), odd dims cos(…). (max_len, D)."""
+    pos = torch.arange(max_len, dtype=torch.float32)[:, None]
+    inv = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+    table = torch.zeros(max_len, d_model)
+    table[:, 0::2] = torch.sin(pos * inv)
+    table[:, 1::2] = torch.cos(pos * inv)
+    return table
+
+
+def packed_position_ids(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Positions that restart at 0 wherever the doc id changes along a row. (B, T) -> (B, T)."""
+    T = doc_ids.shape[-1]
+    idx = torch.arange(T, device=doc_ids.device).expand_as(doc_ids)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[..., 1:] = doc_ids[..., 1:] != doc_ids[..., :-1]
+    run_start = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=-1).values
+    return idx - run_start
+
+
+def padded_position_ids(key_padding_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count only real tokens, so a left-padded row starts at 0. (B, S) bool -> (B, S)."""
+    return (key_padding_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+
+# --------------------------------------------------------------------------- attention mask
+
+
+def attention_mask(
+    q_len: int,
+    k_len: int,
+    *,
+    past: int = 0,
+    window: int | None = None,
+    doc_ids: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Which keys each query may attend to: causal ∧ window ∧ same doc ∧ real key.
+
+    Query t sits at index past + t of the key sequence. Returns bool (B|1, 1, T, S), True = attend.
+    doc_ids (B, T) needs past == 0 (queries and keys are the same tokens);
+    key_padding_mask (B, S) marks real keys, cached ones included.
+    """
+    q_idx = torch.arange(past, past + q_len, device=device)[:, None]
+    k_idx = torch.arange(k_len, device=device)[None, :]
+    mask = k_idx <= q_idx
+    if window is not None:
+        mask = mask & (q_idx - k_idx < window)
+    mask = mask[None, None]
+    if doc_ids is not None:
+        mask = mask & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
+    if key_padding_mask is not None:
+        mask = mask & key_padding_mask[:, None, None, :].bool()
+    return mask
+
+
+def alibi_bias(slopes: torch.Tensor, q_len: int, k_len: int, past: int = 0) -> torch.Tensor:
+    """-slope * distance for every (query, key) pair. Returns (1, H, T, S) float.
+
+    Distances are key-sequence index differences; with left padding or packing these
+    equal position differences wherever the mask lets a query see a key.
+    """
+    q_idx = torch.arange(past, past + q_len, device=slopes.device)[:, None]
+    k_idx = torch.arange(k_len, device=slopes.device)[None, :]
+    return (slopes[:, None, None] * (k_idx - q_idx)).unsqueeze(0)
+
+
+# --------------------------------------------------------------------------- KV cache
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, each (B, K, max_len, hd), plus a length pointer.
+
+    A forward with the cache writes the new keys/values at [length, length+T) and
+    attends over [0, length+T); the model advances ``length`` after its last layer.
+    """
+
+    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int,
+                 *, device=None, dtype=None):
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, K, T, hd) after the cached ones; return all keys/values so far (B, K, S, hd)."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens; cannot add {k.shape[2]} after {self.length}")
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+# --------------------------------------------------------------------------- blocks
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm_type == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with shared key/value heads (mha: K=H, gqa: 1<K<H, mqa: K=1)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
+        self.dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, *, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                mask: torch.Tensor | None, is_causal: bool,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D). mask: bool or additive float (B|1, 1|H, T, S), or None with is_causal."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        if mask is not None and mask.is_floating_point():
+            mask = mask.to(q.dtype)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_heads != self.n_heads)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        return self.resid_dropout(self.o_proj(y))
+
+
+class MLP(nn.Module):
+    """swiglu: down(silu(gate(x)) * up(x)); the others: down(act(up(x)))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gated = cfg.activation == "swiglu"
+        if self.gated:
+            self.gate_proj = nn.Linear(cfg.d_model, cfg.ff_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.ff_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ff_dim, cfg.d_model, bias=False)
+        self.act = {"swiglu": F.silu, "silu": F.silu, "gelu": F.gelu, "relu": F.relu,
+                    "leaky_relu": F.leaky_relu}[cfg.activation]
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D)"""
+        h = self.act(self.gate_proj(x)) * self.up_proj(x) if self.gated else self.act(self.up_proj(x))
+        return self.dropout(self.down_proj(h))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = make_norm(cfg)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, **attn_kw) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), **attn_kw)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# --------------------------------------------------------------------------- model
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model: token ids (B, T) -> next-token logits (B, T, V)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg.validate()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.positional_encoding == "learned":
+            self.embed_positions = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self._register_position_buffers(cfg)
+        self.apply(self._init_module)
+        # GPT-2: each residual branch adds to the stream n_layers*2 times; shrink
+        # the projections into it so the stream's variance stays ~constant with depth.
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    def _register_position_buffers(self, cfg: ModelConfig) -> None:
+        # Non-persistent: they are a pure function of the config, so checkpoints stay lean
+        # and a changed table formula never conflicts with a saved one.
+        if cfg.positional_encoding in ("rope", "yarn"):
+            if cfg.positional_encoding == "yarn":
+                freqs = yarn_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor,
+                                         cfg.original_max_seq_len)
+                scale = yarn_attention_scale(cfg.rope_scaling_factor)
+            else:
+                freqs, scale = rope_frequencies(cfg.head_dim, cfg.rope_theta), 1.0
+            cos, sin = rope_tables(freqs, cfg.max_seq_len, scale)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        elif cfg.positional_encoding == "alibi":
+            self.register_buffer("alibi_slopes", alibi_slopes(cfg.n_heads), persistent=False)
+        elif cfg.positional_encoding == "sinusoidal":
+            self.register_buffer("sinusoidal", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)
+
+    @staticmethod
+    def _init_module(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    # ---- public API
+
+    def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None, key_padding_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, T, V). See ``hidden_states`` for the arguments."""
+        return self.lm_head(self.hidden_states(
+            input_ids, position_ids=position_ids, doc_ids=doc_ids, key_padding_mask=key_padding_mask, cache=cache))
+
+    def hidden_states(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
+                      doc_ids: torch.Tensor | None = None, key_padding_mask: torch.Tensor | None = None,
+                      cache: KVCache | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, D) of token ids (B, T).
+
+        position_ids (B, T): defaults to past .. past+T-1 (past = cached tokens).
+        doc_ids (B, T) int: packed documents; a token sees only earlier tokens of its own doc
+            (pair with ``packed_position_ids(doc_ids)``). Not combinable with a cache.
+        key_padding_mask (B, S) bool, True = real token, S = cached + new keys.
+        cache: a KVCache from ``new_cache``; new keys/values are appended and its length advanced.
+        """
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None and past + T > self.cfg.max_seq_len:
+            raise LmforgeError(
+                f"sequence of {past + T} tokens is longer than model.max_seq_len ({self.cfg.max_seq_len})")
+        if doc_ids is not None and past:
+            raise ValueError("doc_ids (packed documents) cannot be combined with a non-empty KV cache")
+        if key_padding_mask is not None and key_padding_mask.shape != (B, past + T):
+            raise ValueError(f"key_padding_mask must be (B, S) = {(B, past + T)}, got {tuple(key_padding_mask.shape)}")
+
+        x = self.embed_tokens(input_ids)
+        x = self.drop(x + self._absolute_positions(position_ids, past, T))
+        rope = self._rope(position_ids, past, T)
+        mask, is_causal = self._mask(T, past, doc_ids, key_padding_mask, x.device)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope=rope, mask=mask, is_causal=is_causal, cache=cache, layer=i)
+        if cache is not None:
+            cache.advance(T)
+        return self.norm(x)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count (tied weights once). non_embedding drops the token/position tables,
+        the usual N of scaling laws; an untied lm_head still counts (it costs compute)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.embed_tokens.weight.numel()
+            if hasattr(self, "embed_positions"):
+                n -= self.embed_positions.weight.numel()
+        return n
+
+    def new_cache(self, batch_size: int, max_len: int, *, device=None, dtype=None) -> KVCache:
+        """An empty KV cache for ``batch_size`` rows of up to ``max_len`` tokens (on the model's device/dtype by default)."""
+        ref = self.embed_tokens.weight
+        return KVCache(self.cfg.n_layers, batch_size, self.cfg.kv_heads, max_len, self.cfg.head_dim,
+                       device=device or ref.device, dtype=dtype or ref.dtype)
+
+    # ---- position and mask helpers
+
+    def _absolute_positions(self, position_ids: torch.Tensor | None, past: int, T: int):
+        """Additive position embedding (B|1, T, D) for sinusoidal/learned; 0 otherwise."""
+        pe = self.cfg.positional_encoding
+        if pe not in ("sinusoidal", "learned"):
+            return 0
+        table = self.sinusoidal if pe == "sinusoidal" else self.embed_positions.weight
+        if position_ids is None:
+            return table[past:past + T].unsqueeze(0)
+        return table[position_ids]
+
+    def _rope(self, position_ids: torch.Tensor | None, past: int, T: int):
+        """cos, sin (B|1, 1, T, hd) for rope/yarn; None otherwise."""
+        if self.cfg.positional_encoding not in ("rope", "yarn"):
+            return None
+        if position_ids is None:
+            cos, sin = self.rope_cos[past:past + T][None], self.rope_sin[past:past + T][None]
+        else:
+            cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]
+        return cos.unsqueeze(1), sin.unsqueeze(1)
+
+    def _mask(self, T: int, past: int, doc_ids, key_padding_mask, device):
+        """(mask, is_causal) for scaled_dot_product_attention.
+
+        The fast path (no mask, is_causal) covers plain causal attention over the whole
+        sequence and single-token decoding; anything else gets one explicit mask.
+        """
+        S = past + T
+        window = self.cfg.window if self.cfg.window is not None and self.cfg.window < S else None
+        alibi = self.cfg.positional_encoding == "alibi"
+        if not (alibi or window or doc_ids is not None or key_padding_mask is not None or (past and T > 1)):
+            return None, past == 0
+        mask = attention_mask(T, S, past=past, window=window, doc_ids=doc_ids,
+                              key_padding_mask=key_padding_mask, device=device)
+        # A query with no visible key (a left-pad token) would make softmax 0/0 = NaN;
+        # let it see everything instead: its output is junk nobody reads, but finite.
+        mask = mask | ~mask.any(dim=-1, keepdim=True)
+        if alibi:
+            bias = alibi_bias(self.alibi_slopes, T, S, past)
+            return bias.masked_fill(~mask, float("-inf")), False
+        return mask, False
+
+
+# --------------------------------------------------------------------------- heads
+
+
+def last_token_index(key_padding_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token in each row (works for right or left padding). (B, S) -> (B,)."""
+    S = key_padding_mask.shape[-1]
+    return S - 1 - key_padding_mask.long().flip(-1).argmax(dim=-1)
+
+
+class RewardModel(nn.Module):
+    """A transformer trunk with a scalar head read at each row's last real token."""
+
+    def __init__(self, trunk: Transformer):
+        super().__init__()
+        self.trunk = trunk
+        self.score_head = nn.Linear(trunk.cfg.d_model, 1)
+        Transformer._init_module(self.score_head)
+
+    def forward(self, input_ids: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T), key_padding_mask (B, T) True = real -> scores (B,)."""
+        h = _trunk_states(self.trunk, input_ids, key_padding_mask)
+        if key_padding_mask is None:
+            last = h[:, -1]
+        else:
+            last = h[torch.arange(h.shape[0], device=h.device), last_token_index(key_padding_mask)]
+        return self.score_head(last).squeeze(-1)
+
+
+class ValueModel(nn.Module):
+    """A transformer trunk with a per-token scalar head (the PPO critic)."""
+
+    def __init__(self, trunk: Transformer):
+        super().__init__()
+        self.trunk = trunk
+        self.value_head = nn.Linear(trunk.cfg.d_model, 1)
+        Transformer._init_module(self.value_head)
+
+    def forward(self, input_ids: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T), key_padding_mask (B, T) True = real -> values (B, T)."""
+        return self.value_head(_trunk_states(self.trunk, input_ids, key_padding_mask)).squeeze(-1)
+
+
+def _trunk_states(trunk: Transformer, input_ids: torch.Tensor, key_padding_mask: torch.Tensor | None):
+    """Hidden states with positions counted over real tokens, so left- and right-padded rows both work."""
+    if key_padding_mask is None:
+        return trunk.hidden_states(input_ids)
+    return trunk.hidden_states(input_ids, key_padding_mask=key_padding_mask,
+                               position_ids=padded_position_ids(key_padding_mask))

@@ -1,0 +1,75 @@
+"""Pretrain stage: next-token prediction on the packed corpus, from scratch (or an imported model)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from lmforge.checkpoint import atomic_write_json, file_sha256, save_model
+from lmforge.config import TrainConfig
+from lmforge.device import resolve_device, seed_everything, set_threads
+from lmforge.errors import LmforgeError
+from lmforge.model import ModelConfig, Transformer
+from lmforge.tokenizer import LMTokenizer
+from lmforge.train.lm import TokenWindows, evaluate_lm, lm_loss
+from lmforge.train.loop import final_weights, train
+
+
+def build_model(model_params: dict, tok: LMTokenizer) -> tuple[Transformer, ModelConfig]:
+    cfg = ModelConfig.from_dict(model_params).validate()
+    if tok.vocab_size > cfg.vocab_size:
+        raise LmforgeError(f"the tokenizer has {tok.vocab_size} tokens but 'model.vocab_size' is "
+                           f"{cfg.vocab_size}; raise model.vocab_size to at least {tok.vocab_size}")
+    return Transformer(cfg), cfg
+
+
+def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
+    set_threads(env.threads)
+    seed_everything(params["seed"])
+    device = resolve_device(env.device)
+    tcfg = TrainConfig.from_dict(params["pretrain"], key="pretrain")
+    tok = LMTokenizer.load(inputs["tokenizer"])
+    meta = json.loads(Path(inputs["meta"]).read_text())
+    if meta["tokenizer_sha256"] != tok.sha256:
+        raise LmforgeError(f"{inputs['meta']}: the token files were made with another tokenizer; rerun the tokenize rule")
+    model, mcfg = build_model(params["model"], tok)
+    model.to(device)
+    n_params, n_non_emb = model.num_params(), model.num_params(non_embedding=True)
+    print(f"pretrain: model has {n_params:,} parameters ({n_non_emb:,} non-embedding) on {device}")
+
+    seq = mcfg.max_seq_len
+    train_windows = TokenWindows(inputs["train"], meta["dtype"], seq, tcfg.batch_size, params["seed"], device)
+    val_windows = TokenWindows(inputs["val"], meta["dtype"], seq, tcfg.batch_size, params["seed"], device)
+    bpt = meta["val_bytes_per_token"]
+    fingerprint = {"model": mcfg.to_dict(), "seed": params["seed"],
+                   "data": {k: file_sha256(inputs[k]) for k in ("train", "val", "tokenizer")}}
+
+    with env.tracker(params, {k: inputs[k] for k in ("tokenizer", "train", "val")}) as run:
+        run.set_tags({"device": str(device), "n_params": n_params})
+        t0 = time.perf_counter()
+        result = train(model, stage="pretrain", cfg=tcfg, model_config=mcfg.to_dict(),
+                       batch_fn=train_windows.batch, loss_fn=lm_loss,
+                       eval_fn=lambda m: evaluate_lm(m, val_windows, tcfg.eval_steps, bpt),
+                       ckpt_dir=env.ckpt_dir, device=device, fingerprint=fingerprint, run=run)
+        wall = time.perf_counter() - t0
+        model.load_state_dict(final_weights(result, tcfg))
+        final = evaluate_lm(model.eval(), val_windows, tcfg.eval_steps, bpt)
+        tps = [h["mean_tokens_per_s"] for h in result.history if "mean_tokens_per_s" in h]
+        metrics = {
+            **final, "steps": result.step, "best_step": result.best_step, "stopped_early": result.stopped_early,
+            "resumed_from": result.resumed_from, "n_params": n_params, "n_params_non_embedding": n_non_emb,
+            "tokens_per_s": tps[-1] if tps else None, "wall_s": wall, "device": str(device),
+            "history": [h for h in result.history if "val_loss" in h], "mlflow_run_id": run.run_id,
+        }
+        save_model(outputs["model"], model, kind="causal_lm", model_config=mcfg.to_dict(), tokenizer=tok,
+                   meta={"stage": "pretrain", "step": result.step, "mlflow_run_id": run.run_id})
+        atomic_write_json(outputs["metrics"], metrics)
+        run.log_metrics({f"final_{k}": v for k, v in final.items()}, step=result.step)
+        run.log_dict(params, "config.json")
+        run.log_artifact(outputs["metrics"])
+        if env.log_path:
+            run.log_artifact(env.log_path)
+    print(f"pretrain: done in {wall:.1f}s, val_loss {final['val_loss']:.4f}, bpb {final['val_bpb']:.4f}")
+    return metrics

@@ -1,0 +1,96 @@
+"""Glue between Snakemake (or the CLI) and the stage functions.
+
+``StageEnv`` carries the execution settings a stage needs but whose change
+should not make results stale (device, threads, tracking store, rule tags);
+everything that does change results arrives as the stage's params.
+"""
+from __future__ import annotations
+
+import hashlib
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from lmforge.errors import LmforgeError
+
+LIB_ROOT = Path(__file__).resolve().parent
+
+
+def code_version(*relpaths: str) -> str:
+    """Hash of library source files (or folders) a stage depends on, for a Snakemake param.
+
+    Snakemake only sees a ``script:``'s own mtime; passing this as a param makes
+    edits to the library code a stage runs visible as a params change.
+    """
+    h = hashlib.sha256()
+    for rel in relpaths:
+        p = LIB_ROOT / rel
+        files = sorted(p.rglob("*.py")) if p.is_dir() else [p]
+        for f in files:
+            h.update(str(f.relative_to(LIB_ROOT)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class StageEnv:
+    stage: str
+    seed: int = 1337
+    device: str = "auto"
+    threads: int | None = None
+    experiment: str = "lmforge"
+    tracking_uri: str | None = None
+    tracking_enabled: bool = True
+    tags: dict = field(default_factory=dict)
+    log_path: str | None = None
+    ckpt_root: str = "results/.checkpoints"
+
+    @property
+    def ckpt_dir(self) -> Path:
+        # Outside every rule's outputs: Snakemake deletes incomplete outputs, never this.
+        return Path(self.ckpt_root) / self.stage
+
+    def tracker(self, params: dict, inputs: dict):
+        from lmforge.tracking import StageRun
+
+        return StageRun(self.stage, params=params, experiment=self.experiment, uri=self.tracking_uri,
+                        enabled=self.tracking_enabled, tags=self.tags, inputs=inputs)
+
+    @classmethod
+    def from_config(cls, stage: str, config: dict, **kw) -> "StageEnv":
+        tracking = config.get("tracking") or {}
+        return cls(stage=stage, seed=config.get("seed", 1337), device=config.get("device", "auto"),
+                   threads=config.get("threads"), experiment=config.get("experiment", "lmforge"),
+                   tracking_uri=tracking.get("uri"), tracking_enabled=tracking.get("enabled", True), **kw)
+
+    @classmethod
+    def from_snakemake(cls, sm) -> "StageEnv":
+        tags = {"snakemake.rule": sm.rule, "snakemake.wildcards": str(dict(sm.wildcards.items()))}
+        return cls.from_config(sm.rule, sm.config, tags=tags, log_path=str(sm.log[0]) if sm.log else None)
+
+
+def run_script(sm, body: Callable[["StageEnv"], object]) -> None:
+    """Entry point of every workflow script: log to the rule's log, one-line errors, exit 1 on failure."""
+    env = StageEnv.from_snakemake(sm)
+    terminal = sys.stderr
+    log = open(env.log_path, "a", buffering=1) if env.log_path else None
+    if log is not None:
+        sys.stdout = sys.stderr = log
+    try:
+        body(env)
+    except LmforgeError as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        if log is not None:
+            print(f"ERROR in rule {sm.rule}: {e}", file=terminal)
+        sys.exit(1)
+    except Exception:
+        traceback.print_exc()
+        if log is not None:
+            print(f"ERROR in rule {sm.rule}: unexpected failure, see {env.log_path}", file=terminal)
+        sys.exit(1)
+    finally:
+        if log is not None:
+            sys.stdout, sys.stderr = sys.__stdout__, terminal
+            log.close()
