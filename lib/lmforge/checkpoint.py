@@ -59,7 +59,8 @@ def file_sha256(path: str | Path) -> str:
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for p in files:
         if path.is_dir():
-            h.update(str(p.relative_to(path)).encode())
+            # Name and size delimit each file, so ("a": "bc") and ("ab": "c") hash differently.
+            h.update(f"{p.relative_to(path).as_posix()}\0{p.stat().st_size}\0".encode())
         with open(p, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)

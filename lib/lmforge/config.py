@@ -97,11 +97,18 @@ def load_config(path: str | Path, overrides: dict | None = None) -> dict:
             config = yaml.safe_load(f) or {}
     except yaml.YAMLError as e:
         raise LmforgeError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(config, dict):
+        raise LmforgeError(f"{path}: the config must be a mapping of sections (model:, pretrain:, …)")
     for dotted, value in (overrides or {}).items():
         node = config
         *parents, last = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
+        for i, p in enumerate(parents):
+            if node.get(p) is None:  # absent, or an empty section left in the file
+                node[p] = {}
+            if not isinstance(node[p], dict):
+                raise LmforgeError(f"{path}: cannot set '{dotted}': "
+                                   f"'{'.'.join(parents[:i + 1])}' is not a section")
+            node = node[p]
         node[last] = value
     try:
         return check_config(config)

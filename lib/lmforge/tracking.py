@@ -31,6 +31,14 @@ def tracking_uri(configured: str | None = None, results_dir: str | Path = "resul
     return f"sqlite:///{Path(results_dir).resolve() / 'mlflow.db'}"
 
 
+def artifact_location(uri: str) -> str | None:
+    """Artifacts of a sqlite store live beside its database file, not in ``./mlruns`` of whatever the cwd is."""
+    if not uri.startswith("sqlite:///"):
+        return None  # a server or other store picks its own artifact root
+    db = Path(uri[len("sqlite:///"):])
+    return (db.resolve().parent / "mlartifacts").as_uri()
+
+
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     out: dict[str, str] = {}
     for k, v in d.items():
@@ -122,7 +130,8 @@ class StageRun:
 
         self.client = MlflowClient(tracking_uri=self.uri)
         exp = self.client.get_experiment_by_name(self.experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+        exp_id = (exp.experiment_id if exp else
+                  self.client.create_experiment(self.experiment, artifact_location=artifact_location(self.uri)))
         tags = dict(self.tags)
         for name, info in self.lineage.items():
             tags[f"lineage.{name}.sha256"] = str(info["sha256"])

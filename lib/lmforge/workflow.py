@@ -94,3 +94,8 @@ def run_script(sm, body: Callable[["StageEnv"], object]) -> None:
         if log is not None:
             sys.stdout, sys.stderr = sys.__stdout__, terminal
             log.close()
+
+
+def config_sections(config: dict) -> Callable[..., dict]:
+    """``section("model", "pretrain")`` → those config sections plus the seed: a rule's params."""
+    return lambda *names: {**{n: config[n] for n in names}, "seed": config["seed"]}

@@ -467,3 +467,9 @@ def _keys(specs: Sequence[SourceSpec]) -> str:
 def _names(specs: Sequence[SourceSpec]) -> str:
     return ", ".join(spec.source for spec in specs)
 
+
+
+def load_corpus(data: dict, *, seed: int) -> tuple[list[str], list[SourceSpec]]:
+    """The pretraining documents the ``data`` config section names, and the parsed specs."""
+    specs = parse_sources(data["sources"])
+    return load_texts(specs, seed=seed, max_docs=data.get("max_docs")), specs

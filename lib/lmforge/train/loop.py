@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -114,7 +115,6 @@ def train(model: torch.nn.Module, *, stage: str, cfg: TrainConfig, model_config:
     scheduler = optim_lib.build_scheduler(
         optimizer, name=cfg.scheduler, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
         min_lr_ratio=cfg.min_lr_ratio, power=cfg.lr_power, key=f"{stage}.scheduler")
-    hessian = optim_lib.needs_hessian(optimizer)
 
     # ---- resume ------------------------------------------------------------------
     step, best_val, best_step, bad_evals, history, resumed_from = 0, None, None, 0, [], None
@@ -143,10 +143,14 @@ def train(model: torch.nn.Module, *, stage: str, cfg: TrainConfig, model_config:
         bad_evals, history = state["bad_evals"], state["history"]
         set_rng_state(state["rng"])
         if not cfg.resume_optimizer:  # a fresh schedule continues from the resumed step
-            for _ in range(step):
-                scheduler.step()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # stepping the schedule before any optimizer step
+                for _ in range(step):
+                    scheduler.step()
         resumed_from = step
         print(f"[{stage}] resumed at step {step}", file=sys.stderr)
+    else:
+        best_path.unlink(missing_ok=True)  # a best.pt from another run must not be published as ours
 
     def save_last() -> None:
         atomic_torch_save({
@@ -189,13 +193,13 @@ def train(model: torch.nn.Module, *, stage: str, cfg: TrainConfig, model_config:
             totals: dict[str, float] = {}
             for micro in range(cfg.grad_accum_steps):
                 batch = batch_fn(step, micro)
-                with autocast(device):
+                with autocast(device), optim_lib.forward_context(optimizer):
                     loss, metrics = loss_fn(model, batch)
                 if not torch.isfinite(loss):
                     raise LmforgeError(
                         f"{stage}: non-finite loss ({loss.item()}) at step {step + 1}; stopped. "
                         f"The last good checkpoint is intact: {last_path if last_path.exists() else 'none yet'}")
-                (loss / cfg.grad_accum_steps).backward(create_graph=hessian)
+                optim_lib.backward(loss / cfg.grad_accum_steps, optimizer)
                 totals["loss"] = totals.get("loss", 0.0) + loss.item() / cfg.grad_accum_steps
                 for k, v in metrics.items():
                     scale = 1 if k == "tokens" else 1 / cfg.grad_accum_steps

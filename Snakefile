@@ -1,0 +1,20 @@
+# lmforge: tokenizer -> tokenize -> pretrain (-> sft -> reward -> dpo/ppo/grpo -> evaluate)
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/pretrain.smk"
+
+
+rule all:
+    input:
+        "results/pretrain/model.pt",

@@ -1,0 +1,18 @@
+rule pretrain:
+    input:
+        tokenizer=rules.tokenizer.output.tokenizer,
+        train=rules.tokenize.output.train,
+        val=rules.tokenize.output.val,
+        meta=rules.tokenize.output.meta,
+    output:
+        model="results/pretrain/model.pt",
+        metrics="results/pretrain/metrics.json",
+    params:
+        **section("model", "pretrain"),
+        code=code_version("model.py", "train", "stages/pretrain.py", "checkpoint.py"),
+    log:
+        "results/logs/pretrain.log",
+    conda:
+        "../envs/lmforge.yaml"
+    script:
+        "../scripts/pretrain.py"
