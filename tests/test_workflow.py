@@ -85,6 +85,12 @@ def test_changing_a_tokenizer_knob_reruns_tokenizer_tokenize_pretrain(built):
     assert executed(snakemake(workdir)) == set()
 
 
+def test_task_data_knobs_do_not_touch_the_pretraining_stages(built):
+    workdir, _ = built
+    write_config(workdir, **{"pretrain.lr": 2e-3, "tokenizer.vocab_size": 310, "data.builtin.n_sft": 150})
+    assert not {"tokenizer", "tokenize", "pretrain"} & executed(snakemake(workdir))
+
+
 def test_mlflow_has_a_run_per_stage_with_lineage(built):
     from mlflow.tracking import MlflowClient
 

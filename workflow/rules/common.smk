@@ -6,3 +6,5 @@ from lmforge.workflow import code_version, config_sections
 # Cross-field checks (d_model % n_heads, warmup < max_steps, ...) before any job runs.
 config = check_config(config)
 section = config_sections(config)
+# The pretraining corpus depends on these data keys only (not on data.builtin's task knobs).
+corpus = {k: config["data"][k] for k in ("sources", "val_fraction", "max_docs")}

@@ -3,8 +3,9 @@ rule tokenizer:
         tokenizer="results/tokenizer/tokenizer.json",
         stats="results/tokenizer/stats.json",
     params:
-        **section("tokenizer", "data"),
-        code=code_version("tokenizer.py", "data", "stages/tokenizer.py"),
+        **section("tokenizer"),
+        data=corpus,
+        code=code_version("tokenizer.py", "data/sources.py", "data/builtin.py", "stages/tokenizer.py"),
     log:
         "results/logs/tokenizer.log",
     conda:
@@ -21,8 +22,9 @@ rule tokenize:
         val="results/data/pretrain/val.bin",
         meta="results/data/pretrain/meta.json",
     params:
-        **section("data"),
-        code=code_version("tokenizer.py", "data", "stages/tokenize.py"),
+        **section(),
+        data=corpus,
+        code=code_version("tokenizer.py", "data/sources.py", "data/builtin.py", "data/corpus.py", "stages/tokenize.py"),
     log:
         "results/logs/tokenize.log",
     conda:

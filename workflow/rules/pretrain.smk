@@ -9,7 +9,7 @@ rule pretrain:
         metrics="results/pretrain/metrics.json",
     params:
         **section("model", "pretrain"),
-        code=code_version("model.py", "train", "stages/pretrain.py", "checkpoint.py"),
+        code=code_version("model.py", "train/loop.py", "train/lm.py", "train/optim.py", "stages/pretrain.py", "checkpoint.py"),
     log:
         "results/logs/pretrain.log",
     conda:
