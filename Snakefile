@@ -13,8 +13,12 @@ validate(config, "workflow/schemas/config.schema.yaml")
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/pretrain.smk"
+include: "workflow/rules/sft.smk"
+include: "workflow/rules/reward.smk"
 
 
 rule all:
     input:
         "results/pretrain/model.pt",
+        "results/sft/model.pt",
+        "results/reward/model.pt",

@@ -22,6 +22,11 @@ STAGES = {
                  {"tokenizer": "results/tokenizer/tokenizer.json", "train": "results/data/pretrain/train.bin",
                   "val": "results/data/pretrain/val.bin", "meta": "results/data/pretrain/meta.json"},
                  {"model": "results/pretrain/model.pt", "metrics": "results/pretrain/metrics.json"}),
+    # The data section travels whole here; the stages read only data.builtin from it.
+    "sft": (("data", "sft"), {"model": "results/pretrain/model.pt"},
+            {"model": "results/sft/model.pt", "metrics": "results/sft/metrics.json"}),
+    "reward": (("data", "reward"), {"model": "results/sft/model.pt"},
+               {"model": "results/reward/model.pt", "metrics": "results/reward/metrics.json"}),
 }
 
 

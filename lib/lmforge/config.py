@@ -17,7 +17,7 @@ import yaml
 from lmforge.errors import LmforgeError
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
-TRAIN_SECTIONS = ("pretrain",)
+TRAIN_SECTIONS = ("pretrain", "sft", "reward")
 
 
 def load_schema() -> dict:

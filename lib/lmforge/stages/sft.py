@@ -1,0 +1,142 @@
+"""SFT stage: fine-tune the pretrained model on conversations, loss on the assistant turns.
+
+Data is the built-in task conversations (``sft.data: null``) or a record file.
+Held-out numbers always come from the built-in ``sft_val`` split: its problems
+never appear in any training split, and its records carry reference answers,
+so task accuracy and the dismissive rate are measured the same way for every
+run, before and after fine-tuning.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+
+from lmforge.checkpoint import atomic_write_json, file_sha256, load_model, save_model
+from lmforge.config import TrainConfig
+from lmforge.data.builtin import make_task_data
+from lmforge.data.formats import load_sft
+from lmforge.device import resolve_device, seed_everything, set_threads
+from lmforge.errors import LmforgeError
+from lmforge.generate import generate
+from lmforge.model import Transformer
+from lmforge.tasks import is_correct, is_dismissive
+from lmforge.tokenizer import LMTokenizer
+from lmforge.train.loop import final_weights, train
+from lmforge.train.sft import SFTBatches, encode_conversations, evaluate_sft, sft_loss
+
+N_SAMPLES = 5  # fixed held-out prompts whose greedy answers are logged at every evaluation
+TASK_EVAL_TOKENS = 32  # enough for every built-in task's answer sentence
+
+
+def greedy_responses(model: Transformer, tok: LMTokenizer, prompts: list[str],
+                     max_new_tokens: int = TASK_EVAL_TOKENS, batch_size: int = 64) -> list[str]:
+    """Temperature-0 answers to single-turn user prompts, cut at ``<|end|>``."""
+    ids = [tok.prompt_ids(p) for p in prompts]
+    out = generate(model, ids, max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=(tok.end_id,),
+                   pad_id=tok.pad_id, batch_size=batch_size)
+    return [tok.decode([t for t in toks if t != tok.end_id]) for toks in out.tokens]
+
+
+def fitting(records: list[dict], tok: LMTokenizer, max_seq_len: int) -> list[dict]:
+    """Task records whose prompt leaves the context room for at least one answer token."""
+    return [r for r in records if len(tok.prompt_ids(r["messages"][0]["content"])) < max_seq_len]
+
+
+def task_metrics(model: Transformer, tok: LMTokenizer, records: list[dict]) -> dict:
+    """accuracy and dismissive_rate of greedy answers to held-out task records
+    (``{"messages": [user, assistant], "task", "answer"}``)."""
+    prompts = [r["messages"][0]["content"] for r in records]
+    responses = greedy_responses(model, tok, prompts)
+    n = max(len(records), 1)
+    return {"accuracy": sum(is_correct(s, r["answer"], r["task"]) for s, r in zip(responses, records)) / n,
+            "dismissive_rate": sum(is_dismissive(s) for s in responses) / n}
+
+
+def train_conversations(params: dict, task_data: dict) -> list[list[dict]]:
+    source = params["sft"]["data"]
+    if source is None:
+        return load_sft(task_data["sft_train"], name="builtin:sft_train")
+    return load_sft(source, key="sft.data")
+
+
+def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
+    set_threads(env.threads)
+    seed_everything(params["seed"])
+    device = resolve_device(env.device)
+    section = params["sft"]
+    tcfg = TrainConfig.from_dict(section, key="sft")
+    model, tok, ckpt = load_model(inputs["model"], device=device)
+    mcfg = ckpt["model_config"]
+    seq = mcfg["max_seq_len"]
+
+    task_data = make_task_data(params["data"]["builtin"], params["seed"])
+    train_ex, n_truncated = encode_conversations(tok, train_conversations(params, task_data), seq,
+                                                 section["train_on_all"])
+    val_records = task_data["sft_val"]
+    val_ex, _ = encode_conversations(tok, load_sft(val_records, name="builtin:sft_val"), seq)
+    if not train_ex:
+        raise LmforgeError(f"sft.data: no conversation keeps an assistant token within model.max_seq_len ({seq})")
+    batching = dict(seq_len=seq, pad_id=tok.pad_id, seed=params["seed"], packing=section["packing"], device=device)
+    train_batches = SFTBatches(train_ex, batch_size=tcfg.batch_size, grad_accum_steps=tcfg.grad_accum_steps,
+                               **batching)
+    val_batches = SFTBatches(val_ex, batch_size=tcfg.batch_size, **batching)
+    print(f"sft: {len(train_ex)} conversations ({n_truncated} truncated), {train_batches.epoch_steps:.1f} "
+          f"steps per epoch, {len(val_ex)} held out, on {device}")
+
+    # A tiny context may not hold every prompt; those are left out of the generation metrics.
+    gen_records = fitting(val_records, tok, seq)
+    sample_prompts = [r["messages"][0]["content"] for r in gen_records[:N_SAMPLES]]
+    before = task_metrics(model, tok, gen_records)
+    data_id = file_sha256(section["data"]) if section["data"] else params["data"]["builtin"]
+    fingerprint = {"init": file_sha256(inputs["model"]), "data": data_id, "seed": params["seed"],
+                   "packing": section["packing"], "train_on_all": section["train_on_all"]}
+
+    with env.tracker(params, {"model": inputs["model"]}) as run:
+        run.set_tags({"device": str(device)})
+
+        def log_samples(m: torch.nn.Module, step: int) -> None:
+            with torch.no_grad():
+                replies = greedy_responses(m, tok, sample_prompts)
+            run.log_text("\n\n".join(f"> {p}\n{r}" for p, r in zip(sample_prompts, replies)),
+                         f"samples/step_{step:06d}.txt")
+
+        t0 = time.perf_counter()
+        result = train(model, stage="sft", cfg=tcfg, model_config=mcfg, batch_fn=train_batches.batch,
+                       loss_fn=sft_loss, eval_fn=lambda m: evaluate_sft(m, val_batches),
+                       ckpt_dir=env.ckpt_dir, device=device, fingerprint=fingerprint, run=run,
+                       on_eval=log_samples)
+        wall = time.perf_counter() - t0
+        model.load_state_dict(final_weights(result, tcfg))
+        model.eval()
+        final = evaluate_sft(model, val_batches)
+        after = task_metrics(model, tok, gen_records)
+        with torch.no_grad():
+            replies = greedy_responses(model, tok, sample_prompts)
+        tps = [h["mean_tokens_per_s"] for h in result.history if "mean_tokens_per_s" in h]
+        metrics = {
+            **final, "n_train": len(train_ex), "n_truncated": n_truncated, "steps": result.step,
+            "best_step": result.best_step, "stopped_early": result.stopped_early,
+            "resumed_from": result.resumed_from, "wall_s": wall, "tokens_per_s": tps[-1] if tps else None,
+            "device": str(device),
+            "heldout": {"pretrained": before, "sft": after, "n": len(gen_records),
+                        "n_skipped": len(val_records) - len(gen_records)},
+            "samples": [{"prompt": p, "response": r} for p, r in zip(sample_prompts, replies)],
+            "history": [h for h in result.history if "val_loss" in h], "mlflow_run_id": run.run_id,
+        }
+        save_model(outputs["model"], model, kind="causal_lm", model_config=mcfg, tokenizer=tok,
+                   meta={"stage": "sft", "step": result.step, "mlflow_run_id": run.run_id})
+        atomic_write_json(outputs["metrics"], metrics)
+        run.log_metrics({"final_val_loss": final["val_loss"],
+                         **{f"heldout_{k}": v for k, v in after.items()},
+                         **{f"pretrained_heldout_{k}": v for k, v in before.items()}}, step=result.step)
+        run.log_dict(params, "config.json")
+        run.log_artifact(outputs["metrics"])
+        if env.log_path:
+            run.log_artifact(env.log_path)
+    print(f"sft: done in {wall:.1f}s, val_loss {final['val_loss']:.4f}, held-out accuracy "
+          f"{before['accuracy']:.3f} -> {after['accuracy']:.3f}, dismissive "
+          f"{before['dismissive_rate']:.3f} -> {after['dismissive_rate']:.3f}")
+    print(json.dumps(metrics["samples"], indent=1))
+    return metrics
