@@ -36,8 +36,6 @@ class LMTokenizer:
     """A ``tokenizers.Tokenizer`` plus the project's special tokens and chat format."""
 
     def __init__(self, tok):
-        from tokenizers import Tokenizer  # noqa: F401  (type only)
-
         missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
         if missing:
             tok.add_special_tokens(missing)

@@ -125,7 +125,7 @@ class StageRun:
         return self
 
     def _start(self) -> None:
-        from mlflow.entities import Param, RunTag
+        from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=self.uri)

@@ -5,13 +5,11 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
-from lmforge.checkpoint import atomic_write_json, file_sha256, save_model
+from lmforge.checkpoint import file_sha256
 from lmforge.config import TrainConfig
-from lmforge.device import resolve_device, seed_everything, set_threads
 from lmforge.errors import LmforgeError
 from lmforge.model import ModelConfig, Transformer
+from lmforge.stages.common import publish, run_summary, setup
 from lmforge.tokenizer import LMTokenizer
 from lmforge.train.lm import TokenWindows, evaluate_lm, lm_loss
 from lmforge.train.loop import final_weights, train
@@ -26,9 +24,7 @@ def build_model(model_params: dict, tok: LMTokenizer) -> tuple[Transformer, Mode
 
 
 def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
-    set_threads(env.threads)
-    seed_everything(params["seed"])
-    device = resolve_device(env.device)
+    device = setup(env, params["seed"])
     tcfg = TrainConfig.from_dict(params["pretrain"], key="pretrain")
     tok = LMTokenizer.load(inputs["tokenizer"])
     meta = json.loads(Path(inputs["meta"]).read_text())
@@ -56,20 +52,10 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
         wall = time.perf_counter() - t0
         model.load_state_dict(final_weights(result, tcfg))
         final = evaluate_lm(model.eval(), val_windows, tcfg.eval_steps, bpt)
-        tps = [h["mean_tokens_per_s"] for h in result.history if "mean_tokens_per_s" in h]
-        metrics = {
-            **final, "steps": result.step, "best_step": result.best_step, "stopped_early": result.stopped_early,
-            "resumed_from": result.resumed_from, "n_params": n_params, "n_params_non_embedding": n_non_emb,
-            "tokens_per_s": tps[-1] if tps else None, "wall_s": wall, "device": str(device),
-            "history": [h for h in result.history if "val_loss" in h], "mlflow_run_id": run.run_id,
-        }
-        save_model(outputs["model"], model, kind="causal_lm", model_config=mcfg.to_dict(), tokenizer=tok,
-                   meta={"stage": "pretrain", "step": result.step, "mlflow_run_id": run.run_id})
-        atomic_write_json(outputs["metrics"], metrics)
-        run.log_metrics({f"final_{k}": v for k, v in final.items()}, step=result.step)
-        run.log_dict(params, "config.json")
-        run.log_artifact(outputs["metrics"])
-        if env.log_path:
-            run.log_artifact(env.log_path)
+        metrics = {**final, **run_summary(result, wall, device), "n_params": n_params,
+                   "n_params_non_embedding": n_non_emb}
+        publish(run, env, params, outputs, model, kind="causal_lm", model_config=mcfg.to_dict(), tokenizer=tok,
+                stage="pretrain", step=result.step, metrics=metrics,
+                final_metrics={f"final_{k}": v for k, v in final.items()})
     print(f"pretrain: done in {wall:.1f}s, val_loss {final['val_loss']:.4f}, bpb {final['val_bpb']:.4f}")
     return metrics

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import time
 
-from lmforge.checkpoint import atomic_write_json, file_sha256, load_model, save_model
+from lmforge.checkpoint import file_sha256, load_model
 from lmforge.config import TrainConfig
 from lmforge.data.builtin import make_task_data
 from lmforge.data.formats import load_preferences
-from lmforge.device import resolve_device, seed_everything, set_threads
+from lmforge.stages.common import publish, run_summary, setup
 from lmforge.errors import LmforgeError
 from lmforge.model import RewardModel
 from lmforge.train.loop import final_weights, train
@@ -44,9 +44,7 @@ def builtin_pairs(task_data: dict, split: str, tok, max_seq_len: int) -> tuple[l
 
 
 def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
-    set_threads(env.threads)
-    seed_everything(params["seed"])
-    device = resolve_device(env.device)
+    device = setup(env, params["seed"])
     section = params["reward"]
     tcfg = TrainConfig.from_dict(section, key="reward")
     trunk, tok, ckpt = load_model(inputs["model"])
@@ -86,23 +84,11 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
         wall = time.perf_counter() - t0
         model.load_state_dict(final_weights(result, tcfg))
         final = evaluate_reward(model.eval(), val_batches, center_coef=center)
-        tps = [h["mean_tokens_per_s"] for h in result.history if "mean_tokens_per_s" in h]
-        metrics = {
-            **final, "n_train": len(train_ex), "n_val": len(val_ex), "n_truncated": n_truncated,
-            "n_skipped": n_skipped, "n_val_skipped": n_val_skipped,
-            "steps": result.step, "best_step": result.best_step, "stopped_early": result.stopped_early,
-            "resumed_from": result.resumed_from, "wall_s": wall, "tokens_per_s": tps[-1] if tps else None,
-            "device": str(device), "history": [h for h in result.history if "val_loss" in h],
-            "mlflow_run_id": run.run_id,
-        }
-        save_model(outputs["model"], model, kind="reward_model", model_config=mcfg, tokenizer=tok,
-                   meta={"stage": "reward", "step": result.step, "mlflow_run_id": run.run_id})
-        atomic_write_json(outputs["metrics"], metrics)
-        run.log_metrics({f"final_{k}": v for k, v in final.items()}, step=result.step)
-        run.log_dict(params, "config.json")
-        run.log_artifact(outputs["metrics"])
-        if env.log_path:
-            run.log_artifact(env.log_path)
+        metrics = {**final, "n_train": len(train_ex), "n_val": len(val_ex), "n_truncated": n_truncated,
+                   "n_skipped": n_skipped, "n_val_skipped": n_val_skipped, **run_summary(result, wall, device)}
+        publish(run, env, params, outputs, model, kind="reward_model", model_config=mcfg, tokenizer=tok,
+                stage="reward", step=result.step, metrics=metrics,
+                final_metrics={f"final_{k}": v for k, v in final.items()})
     print(f"reward: done in {wall:.1f}s, held-out accuracy {final['val_accuracy']:.3f}, "
           f"margin {final['val_margin']:.3f}")
     return metrics

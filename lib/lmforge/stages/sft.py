@@ -13,11 +13,11 @@ import time
 
 import torch
 
-from lmforge.checkpoint import atomic_write_json, file_sha256, load_model, save_model
+from lmforge.checkpoint import file_sha256, load_model
 from lmforge.config import TrainConfig
 from lmforge.data.builtin import make_task_data
 from lmforge.data.formats import load_sft
-from lmforge.device import resolve_device, seed_everything, set_threads
+from lmforge.stages.common import publish, run_summary, setup
 from lmforge.errors import LmforgeError
 from lmforge.generate import generate
 from lmforge.model import Transformer
@@ -62,9 +62,7 @@ def train_conversations(params: dict, task_data: dict) -> list[list[dict]]:
 
 
 def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
-    set_threads(env.threads)
-    seed_everything(params["seed"])
-    device = resolve_device(env.device)
+    device = setup(env, params["seed"])
     section = params["sft"]
     tcfg = TrainConfig.from_dict(section, key="sft")
     model, tok, ckpt = load_model(inputs["model"], device=device)
@@ -114,27 +112,17 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
         after = task_metrics(model, tok, gen_records)
         with torch.no_grad():
             replies = greedy_responses(model, tok, sample_prompts)
-        tps = [h["mean_tokens_per_s"] for h in result.history if "mean_tokens_per_s" in h]
         metrics = {
-            **final, "n_train": len(train_ex), "n_truncated": n_truncated, "steps": result.step,
-            "best_step": result.best_step, "stopped_early": result.stopped_early,
-            "resumed_from": result.resumed_from, "wall_s": wall, "tokens_per_s": tps[-1] if tps else None,
-            "device": str(device),
+            **final, "n_train": len(train_ex), "n_truncated": n_truncated, **run_summary(result, wall, device),
             "heldout": {"pretrained": before, "sft": after, "n": len(gen_records),
                         "n_skipped": len(val_records) - len(gen_records)},
             "samples": [{"prompt": p, "response": r} for p, r in zip(sample_prompts, replies)],
-            "history": [h for h in result.history if "val_loss" in h], "mlflow_run_id": run.run_id,
         }
-        save_model(outputs["model"], model, kind="causal_lm", model_config=mcfg, tokenizer=tok,
-                   meta={"stage": "sft", "step": result.step, "mlflow_run_id": run.run_id})
-        atomic_write_json(outputs["metrics"], metrics)
-        run.log_metrics({"final_val_loss": final["val_loss"],
-                         **{f"heldout_{k}": v for k, v in after.items()},
-                         **{f"pretrained_heldout_{k}": v for k, v in before.items()}}, step=result.step)
-        run.log_dict(params, "config.json")
-        run.log_artifact(outputs["metrics"])
-        if env.log_path:
-            run.log_artifact(env.log_path)
+        publish(run, env, params, outputs, model, kind="causal_lm", model_config=mcfg, tokenizer=tok,
+                stage="sft", step=result.step, metrics=metrics,
+                final_metrics={"final_val_loss": final["val_loss"],
+                               **{f"heldout_{k}": v for k, v in after.items()},
+                               **{f"pretrained_heldout_{k}": v for k, v in before.items()}})
     print(f"sft: done in {wall:.1f}s, val_loss {final['val_loss']:.4f}, held-out accuracy "
           f"{before['accuracy']:.3f} -> {after['accuracy']:.3f}, dismissive "
           f"{before['dismissive_rate']:.3f} -> {after['dismissive_rate']:.3f}")
