@@ -149,10 +149,10 @@ class StageRun:
         self.client.set_tag(self.run_id, "lmforge.status", "running")
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        from_tags = {k: str(v) for k, v in tags.items()}
-        self.tags.update(from_tags)
+        as_text = {k: str(v) for k, v in tags.items()}
+        self.tags.update(as_text)
         if self.run_id:
-            self._safe("set_tags", lambda: [self.client.set_tag(self.run_id, k, v) for k, v in from_tags.items()])
+            self._safe("set_tags", lambda: [self.client.set_tag(self.run_id, k, v) for k, v in as_text.items()])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         if not self.run_id:

@@ -16,7 +16,6 @@ checkpoint intact all live here, once.
 """
 from __future__ import annotations
 
-import math
 import sys
 import time
 import warnings
@@ -249,7 +248,3 @@ def final_weights(result: TrainResult, cfg: TrainConfig) -> dict:
     """The state dict a stage publishes: best-by-val when save_best_only, else the last step's."""
     src = result.best_path if (cfg.save_best_only and result.best_path) else result.last_path
     return torch.load(src, map_location="cpu", weights_only=False)["model"]
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(min(loss, 50.0))
