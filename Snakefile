@@ -15,6 +15,9 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/sft.smk"
 include: "workflow/rules/reward.smk"
+include: "workflow/rules/score.smk"
+include: "workflow/rules/align.smk"
+include: "workflow/rules/evaluate.smk"
 
 
 rule all:
@@ -22,3 +25,8 @@ rule all:
         "results/pretrain/model.pt",
         "results/sft/model.pt",
         "results/reward/model.pt",
+        "results/scored/summary.json",
+        "results/dpo/model.pt",
+        "results/ppo/model.pt",
+        "results/grpo/model.pt",
+        "results/eval/report.md",

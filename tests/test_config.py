@@ -149,3 +149,30 @@ def test_override_through_a_scalar_names_the_key(tmp_path):
     f.write_text("seed: 3\n")
     with pytest.raises(LmforgeError, match=r"seed\.x.*'seed' is not a section"):
         load_config(f, overrides={"seed.x": 1})
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"dpo": {"mini_batch_size": 3}}, r"'dpo.mini_batch_size' \(3\) must divide 'dpo.batch_size' \(16\)"),
+    ({"ppo": {"batch_size": 32, "mini_batch_size": 5}}, r"'ppo.mini_batch_size' \(5\) must divide 'ppo.batch_size' \(32\)"),
+    ({"grpo": {"batch_size": 4, "mini_batch_size": 8}}, r"'grpo.mini_batch_size' \(8\) must divide"),
+    ({"dpo": {"grad_accum_steps": 2}}, r"'dpo.grad_accum_steps' is not used by dpo"),
+    ({"grpo": {"group_size": 1, "scale_rewards": "group"}}, r"'grpo.group_size' \(1\) and 'grpo.scale_rewards'"),
+    ({"dpo": {"beta": 0.1, "clip_range": 0.3}}, r"'dpo.beta' \(0.1\) and 'dpo.clip_range' \(0.3\) are aliases"),
+    ({"ppo": {"reward_fn": {"rm": 0}}}, r"'ppo.reward_fn': every weight .* is 0"),
+    ({"score": {"reward_fn": {"hf": 1.0}}}, r"'score.reward_fn.hf_model' is required"),
+])
+def test_alignment_cross_field_errors(override, message):
+    with pytest.raises(LmforgeError, match=message):
+        check_config(override)
+
+
+def test_group_of_one_is_fine_without_group_scaling():
+    assert check_config({"grpo": {"group_size": 1, "scale_rewards": "batch"}})["grpo"]["group_size"] == 1
+
+
+@pytest.mark.parametrize("section, expected", [({}, 0.1), ({"beta": 0.3}, 0.3), ({"clip_range": 0.2}, 0.2),
+                                               ({"beta": 0.2, "clip_range": 0.2}, 0.2)])
+def test_dpo_beta_alias(section, expected):
+    from lmforge.config import dpo_beta
+
+    assert dpo_beta(check_config({"dpo": section})["dpo"]) == expected

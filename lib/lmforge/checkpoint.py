@@ -25,7 +25,8 @@ from lmforge.errors import LmforgeError
 KINDS = ("causal_lm", "reward_model")
 
 
-def _atomic(path: str | Path, write) -> None:
+def atomic_write(path: str | Path, write) -> None:
+    """Call ``write(binary file)`` on a temp file beside ``path``, then rename: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -41,11 +42,11 @@ def _atomic(path: str | Path, write) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    _atomic(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    _atomic(path, lambda f: f.write(text.encode()))
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:

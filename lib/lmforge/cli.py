@@ -27,6 +27,18 @@ STAGES = {
             {"model": "results/sft/model.pt", "metrics": "results/sft/metrics.json"}),
     "reward": (("data", "reward"), {"model": "results/sft/model.pt"},
                {"model": "results/reward/model.pt", "metrics": "results/reward/metrics.json"}),
+    "score": (("data", "score"), {"policy": "results/sft/model.pt", "reward_model": "results/reward/model.pt"},
+              {"samples": "results/scored/samples.parquet", "summary": "results/scored/summary.json",
+               "pairs": "results/scored/pairs.jsonl"}),
+    **{stage: (("data", stage), {"policy": "results/sft/model.pt", "reward_model": "results/reward/model.pt"},
+               {"model": f"results/{stage}/model.pt", "metrics": f"results/{stage}/metrics.json"})
+       for stage in ("dpo", "ppo", "grpo")},
+    "evaluate": (("data", "eval"),
+                 {**{f"model_{s}": f"results/{s}/model.pt" for s in ("pretrain", "sft", "dpo", "ppo", "grpo")},
+                  "reward_model": "results/reward/model.pt", "val": "results/data/pretrain/val.bin",
+                  "meta": "results/data/pretrain/meta.json"},
+                 {"metrics": "results/eval/metrics.csv", "summary": "results/eval/summary.json",
+                  "report": "results/eval/report.md"}),
 }
 
 

@@ -17,7 +17,8 @@ import yaml
 from lmforge.errors import LmforgeError
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
-TRAIN_SECTIONS = ("pretrain", "sft", "reward")
+TRAIN_SECTIONS = ("pretrain", "sft", "reward", "dpo", "ppo", "grpo")
+REWARD_SECTIONS = ("score", "ppo", "grpo")  # sections with a reward_fn
 
 
 def load_schema() -> dict:
@@ -85,7 +86,38 @@ def check_config(config: dict) -> dict:
     for section in TRAIN_SECTIONS:
         if section in config:
             TrainConfig.from_dict(config[section], key=section)
+    from lmforge.rewards import RewardSpec
+
+    for section in REWARD_SECTIONS:
+        RewardSpec.from_dict(config[section]["reward_fn"], key=f"{section}.reward_fn")
+    for section in ("dpo", "ppo", "grpo"):
+        minibatches(config[section], section)
+    dpo_beta(config["dpo"])
+    grpo = config["grpo"]
+    if grpo["group_size"] < 2 and grpo["scale_rewards"] == "group":
+        raise LmforgeError("config keys 'grpo.group_size' (1) and 'grpo.scale_rewards' (group) conflict: a group of "
+                           "one sample has no spread, so every advantage would be 0; raise group_size or use batch/none")
     return config
+
+
+def minibatches(section: dict, key: str) -> int:
+    """How many mini-batches one batch splits into (DPO, PPO, GRPO); mini_batch_size null = the whole batch."""
+    batch, mini = section["batch_size"], section.get("mini_batch_size") or section["batch_size"]
+    if batch % mini:
+        raise LmforgeError(f"config key '{key}.mini_batch_size' ({mini}) must divide '{key}.batch_size' ({batch})")
+    if section.get("grad_accum_steps", 1) != 1:
+        raise LmforgeError(f"config key '{key}.grad_accum_steps' is not used by {key}: batch_size / mini_batch_size "
+                           f"sets how a batch is split; remove it")
+    return batch // mini
+
+
+def dpo_beta(section: dict) -> float:
+    """DPO's beta; ``clip_range`` is accepted as its alias (the name some configs use), default 0.1."""
+    beta, alias = section.get("beta"), section.get("clip_range")
+    if beta is not None and alias is not None and beta != alias:
+        raise LmforgeError(f"config keys 'dpo.beta' ({beta}) and 'dpo.clip_range' ({alias}) are aliases "
+                           f"but disagree; set only one")
+    return beta if beta is not None else alias if alias is not None else 0.1
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> dict:

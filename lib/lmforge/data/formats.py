@@ -33,6 +33,7 @@ from pathlib import Path
 
 from lmforge.data.records import location, read_records
 from lmforge.errors import LmforgeError
+from lmforge.tasks import TASKS
 from lmforge.tokenizer import ROLES
 
 SFT_FORMATS = (
@@ -240,3 +241,39 @@ def load_preferences(source: str | Path | Sequence[dict], *, key: str = "reward.
                      name: str | None = None) -> list[dict]:
     """Preference pairs (rankings expanded) from a local record file or an in-memory list."""
     return [pair for where, rec in _numbered(source, key, name) for pair in to_preference(rec, where=where)]
+
+
+# --------------------------------------------------------------------------- RL prompts
+
+PROMPT_FORMATS = ("prompt: {prompt, answer (optional), task (optional)}",
+                  "question: {question, answer (optional), task (optional)}")
+
+
+def to_prompt(record: dict, *, where: str) -> dict:
+    """An RL prompt ``{"prompt": str | [messages], "answer": str | None, "task": str, "where": str}``.
+
+    ``task`` picks the answer checker (lmforge.tasks); without one, an integer
+    answer is checked as arithmetic and anything else as an exact string.
+    """
+    key = "prompt" if "prompt" in record else "question" if "question" in record else None
+    if key is None:
+        raise _err(where, f"unknown prompt record shape, keys seen: {sorted(record)}; "
+                          f"supported formats: {'; '.join(PROMPT_FORMATS)}")
+    prompt = _prompt_messages(record[key], where)
+    prompt = prompt[0]["content"] if len(prompt) == 1 else prompt
+    answer = record.get("answer")
+    if answer is not None:
+        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+            raise _err(where, f"field 'answer' must be a string or a number, got {answer!r}")
+        answer = str(answer).strip()
+    task = record.get("task")
+    if task is None:
+        task = "arithmetic" if answer is not None and answer.lstrip("-").isdigit() else "string"
+    if task not in TASKS:
+        raise _err(where, f"field 'task' is {task!r}; expected one of {', '.join(TASKS)}")
+    return {"prompt": prompt, "answer": answer, "task": task, "where": where}
+
+
+def load_prompts(source: str | Path | Sequence[dict], *, key: str, name: str | None = None) -> list[dict]:
+    """RL prompts from a local record file or an in-memory list (e.g. the builtin rl_train split)."""
+    return [to_prompt(rec, where=where) for where, rec in _numbered(source, key, name)]

@@ -1,0 +1,90 @@
+"""Log-probabilities of responses under a causal LM: what DPO, PPO, GRPO and evaluation share.
+
+A *completion* is a rendered prompt (chat template up to the assistant tag)
+followed by response tokens. Rows are right-padded into one batch; the
+response mask marks, on the shifted target axis, the positions whose target is
+a response token, so ``(logps * mask).sum(-1)`` is log p(response | prompt).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class CompletionBatch:
+    """input_ids (B, T); key_padding_mask (B, T) True = real; response_mask (B, T-1) float on targets."""
+
+    input_ids: torch.Tensor
+    key_padding_mask: torch.Tensor
+    response_mask: torch.Tensor
+
+    def to(self, device) -> "CompletionBatch":
+        return CompletionBatch(self.input_ids.to(device), self.key_padding_mask.to(device),
+                               self.response_mask.to(device))
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def completion_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
+                     device=None) -> CompletionBatch:
+    """Right-padded prompt + response rows. Response token j of row i is target position len(prompt_i)-1+j."""
+    rows = [list(p) + list(r) for p, r in zip(prompts, responses)]
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    real = torch.zeros((len(rows), T), dtype=torch.bool)
+    resp = torch.zeros((len(rows), T - 1))
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        n = len(p) + len(r)
+        ids[i, :n] = torch.tensor(rows[i], dtype=torch.long)
+        real[i, :n] = True
+        resp[i, len(p) - 1:n - 1] = 1.0
+    return CompletionBatch(ids, real, resp).to(device) if device is not None else CompletionBatch(ids, real, resp)
+
+
+def token_logprobs(model, batch: CompletionBatch, *, temperature: float = 1.0, return_entropy: bool = False):
+    """log p(target_t | prefix) for every target position, (B, T-1) float32 (zero where masked out).
+
+    ``temperature`` scales the logits as sampling did, so PPO/GRPO ratios compare
+    the distribution the responses were actually drawn from. With
+    ``return_entropy`` also the entropy of each predictive distribution, (B, T-1).
+    """
+    logits = model(batch.input_ids, key_padding_mask=batch.key_padding_mask)[:, :-1].float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    targets = batch.input_ids[:, 1:]
+    logps = -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none") * batch.response_mask
+    if not return_entropy:
+        return logps
+    log_p = torch.log_softmax(logits, dim=-1)
+    entropy = -(log_p.exp() * log_p).sum(-1) * batch.response_mask
+    return logps, entropy
+
+
+def sequence_logprobs(model, batch: CompletionBatch) -> torch.Tensor:
+    """log p(response | prompt) per row, (B,)."""
+    return token_logprobs(model, batch).sum(-1)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of x over positions where mask is 1 (all positions when dim is None)."""
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def load_reference(path, tokenizer, *, device, key: str):
+    """A frozen copy of a causal LM to measure KL against: eval mode, no grads, loaded once.
+
+    Its tokenizer must be the policy's: log-probs of other ids mean nothing.
+    """
+    from lmforge.checkpoint import load_model, read_checkpoint
+    from lmforge.rewards import check_same_tokenizer
+
+    check_same_tokenizer(path, read_checkpoint(path), tokenizer, f"the reference model ({key})")
+    model, _, _ = load_model(path, device=device)
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,75 @@
+# Alignment of the SFT model: DPO on preference pairs, PPO and GRPO on rollouts.
+ALIGN_CODE = ("model.py", "train/loop.py", "train/optim.py", "train/policy.py", "generate.py", "rewards.py",
+              "tasks.py", "tokenizer.py", "data/builtin.py", "data/formats.py", "data/records.py", "checkpoint.py")
+
+
+def optional_inputs(stage):
+    """Inputs a stage has only when its config asks for them: a reference, a data file, the reward model."""
+    cfg = config[stage]
+    inputs = {}
+    if cfg.get("reference"):
+        inputs["reference"] = cfg["reference"]
+    if cfg.get("data"):
+        inputs["data"] = cfg["data"]
+    if cfg.get("reward_fn", {}).get("rm", 0) > 0:
+        inputs["reward_model"] = rules.reward.output.model
+    if cfg.get("on_policy"):
+        inputs["pairs"] = rules.score.output.pairs
+    return inputs
+
+
+rule dpo:
+    input:
+        policy=rules.sft.output.model,
+        **optional_inputs("dpo"),
+    output:
+        model="results/dpo/model.pt",
+        metrics="results/dpo/metrics.json",
+    params:
+        **section("dpo"),
+        data={"builtin": config["data"]["builtin"]},
+        code=code_version(*ALIGN_CODE, "train/dpo.py", "stages/dpo.py"),
+    log:
+        "results/logs/dpo.log",
+    conda:
+        "../envs/lmforge.yaml"
+    script:
+        "../scripts/dpo.py"
+
+
+rule ppo:
+    input:
+        policy=rules.sft.output.model,
+        **optional_inputs("ppo"),
+    output:
+        model="results/ppo/model.pt",
+        metrics="results/ppo/metrics.json",
+    params:
+        **section("ppo"),
+        data={"builtin": config["data"]["builtin"]},
+        code=code_version(*ALIGN_CODE, "train/rollout.py", "train/ppo.py", "stages/ppo.py"),
+    log:
+        "results/logs/ppo.log",
+    conda:
+        "../envs/lmforge.yaml"
+    script:
+        "../scripts/ppo.py"
+
+
+rule grpo:
+    input:
+        policy=rules.sft.output.model,
+        **optional_inputs("grpo"),
+    output:
+        model="results/grpo/model.pt",
+        metrics="results/grpo/metrics.json",
+    params:
+        **section("grpo"),
+        data={"builtin": config["data"]["builtin"]},
+        code=code_version(*ALIGN_CODE, "train/rollout.py", "train/grpo.py", "stages/grpo.py"),
+    log:
+        "results/logs/grpo.log",
+    conda:
+        "../envs/lmforge.yaml"
+    script:
+        "../scripts/grpo.py"

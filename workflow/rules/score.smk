@@ -1,0 +1,21 @@
+rule score:
+    input:
+        policy=rules.sft.output.model,
+        # The reward model and a prompt file are inputs only when the config uses them.
+        **({"reward_model": rules.reward.output.model} if config["score"]["reward_fn"]["rm"] > 0 else {}),
+        **({"data": config["score"]["data"]} if config["score"]["data"] else {}),
+    output:
+        samples="results/scored/samples.parquet",
+        summary="results/scored/summary.json",
+        pairs="results/scored/pairs.jsonl",
+    params:
+        **section("score"),
+        data={"builtin": config["data"]["builtin"]},
+        code=code_version("model.py", "generate.py", "rewards.py", "tasks.py", "tokenizer.py", "data/builtin.py",
+                          "data/formats.py", "data/records.py", "stages/score.py", "checkpoint.py"),
+    log:
+        "results/logs/score.log",
+    conda:
+        "../envs/lmforge.yaml"
+    script:
+        "../scripts/score.py"
