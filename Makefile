@@ -20,8 +20,10 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
+# The headline target, then the report on what it built (ppo/grpo come with `snakemake all`).
 demo: setup
-	$(BIN)/snakemake --cores $(CORES) results/pretrain/model.pt
+	$(BIN)/snakemake --cores $(CORES) results/dpo/model.pt
+	$(BIN)/snakemake --cores $(CORES) results/eval/report.md --config 'eval={"stages": ["pretrain", "sft", "dpo"]}'
 
 test: setup
 	$(BIN)/python -m pytest -q

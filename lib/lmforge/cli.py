@@ -27,10 +27,11 @@ STAGES = {
             {"model": "results/sft/model.pt", "metrics": "results/sft/metrics.json"}),
     "reward": (("data", "reward"), {"model": "results/sft/model.pt"},
                {"model": "results/reward/model.pt", "metrics": "results/reward/metrics.json"}),
-    "score": (("data", "score"), {"policy": "results/sft/model.pt", "reward_model": "results/reward/model.pt"},
+    # Reference, data file, reward model and pairs are added per config (workflow.optional_inputs).
+    "score": (("data", "score"), {"policy": "results/sft/model.pt"},
               {"samples": "results/scored/samples.parquet", "summary": "results/scored/summary.json",
                "pairs": "results/scored/pairs.jsonl"}),
-    **{stage: (("data", stage), {"policy": "results/sft/model.pt", "reward_model": "results/reward/model.pt"},
+    **{stage: (("data", stage), {"policy": "results/sft/model.pt"},
                {"model": f"results/{stage}/model.pt", "metrics": f"results/{stage}/metrics.json"})
        for stage in ("dpo", "ppo", "grpo")},
     "evaluate": (("data", "eval"),
@@ -46,10 +47,15 @@ def cmd_run(args) -> None:
     import importlib
 
     from lmforge.config import load_config
-    from lmforge.workflow import StageEnv, config_sections
+    from lmforge.workflow import StageEnv, config_sections, optional_inputs
 
     config = load_config(args.config)
     sections, inputs, outputs = STAGES[args.stage]
+    if args.stage in ("score", "dpo", "ppo", "grpo"):
+        inputs = {**inputs, **optional_inputs(config, args.stage)}
+    elif args.stage == "evaluate":  # only the stages the config lists
+        inputs = {k: v for k, v in inputs.items()
+                  if not k.startswith("model_") or k[len("model_"):] in config["eval"]["stages"]}
     params = config_sections(config)(*sections)
     env = StageEnv.from_config(args.stage, config)
     importlib.import_module(f"lmforge.stages.{args.stage}").run(params, inputs, outputs, env)

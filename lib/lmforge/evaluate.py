@@ -94,24 +94,34 @@ def win_rate(scores: Sequence[float], baseline: Sequence[float], texts: Sequence
 
 
 @torch.no_grad()
+def sample_answers(model: Transformer, tok: LMTokenizer, prompts: Sequence[str], *, max_new_tokens: int,
+                   seed: int, batch_size: int = 64) -> list[list[int]]:
+    """One temperature-1 sample per prompt (no top-k/top-p: the model's own distribution), seeded."""
+    device = model.embed_tokens.weight.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with autocast(device):
+        return generate(model, [tok.prompt_ids(p) for p in prompts], max_new_tokens=max_new_tokens,
+                        temperature=1.0, stop_ids=(tok.end_id,), pad_id=tok.pad_id, generator=generator,
+                        batch_size=batch_size).tokens
+
+
+@torch.no_grad()
 def kl_estimate(policy: Transformer, reference: Transformer, tok: LMTokenizer, prompts: Sequence[str], *,
-                max_new_tokens: int, seed: int, batch_size: int = 64) -> float:
+                max_new_tokens: int, seed: int, batch_size: int = 64,
+                sampled: Sequence[Sequence[int]] | None = None) -> float:
     """Monte-Carlo KL(policy || reference) of whole responses, one sample per prompt.
 
-    Each response y is sampled from the policy at temperature 1 (no top-k/top-p,
-    so the samples follow the policy's own distribution) and stops at
-    ``<|end|>`` or ``max_new_tokens``; the estimate is
-    mean_x [log p_policy(y|x) - log p_ref(y|x)] (k1), unbiased for the KL of
-    the response distribution truncated at ``max_new_tokens``. A model against
-    itself gives exactly 0.
+    Each response y is sampled from the policy at temperature 1 (``sample_answers``,
+    or given as ``sampled``) and stops at ``<|end|>`` or ``max_new_tokens``; the
+    estimate is mean_x [log p_policy(y|x) - log p_ref(y|x)] (k1), unbiased for the
+    KL of the response distribution truncated at ``max_new_tokens``. A model
+    against itself gives exactly 0.
     """
     device = policy.embed_tokens.weight.device
     prompt_ids = [tok.prompt_ids(p) for p in prompts]
-    generator = torch.Generator(device=device).manual_seed(seed)
-    with autocast(device):
-        sampled = generate(policy, prompt_ids, max_new_tokens=max_new_tokens, temperature=1.0,
-                           stop_ids=(tok.end_id,), pad_id=tok.pad_id, generator=generator,
-                           batch_size=batch_size).tokens
+    if sampled is None:
+        sampled = sample_answers(policy, tok, prompts, max_new_tokens=max_new_tokens, seed=seed,
+                                 batch_size=batch_size)
     total = 0.0
     for start in range(0, len(prompt_ids), batch_size):
         chunk = slice(start, start + batch_size)
@@ -164,10 +174,16 @@ def evaluate_model(model: Transformer, tok: LMTokenizer, records: Sequence[dict]
                                 reference_answers.responses))
     else:
         metrics.update({"win_rate": None, "wins": None, "ties": None, "losses": None})
+    # Sampled answers are what RL stages optimise: their mean reward is the policy's expected reward.
+    prompts = [r["prompt"] for r in records]
+    sampled = sample_answers(model, tok, prompts, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
+    sampled_texts = [tok.decode([t for t in ids if t != tok.end_id]) for ids in sampled]
+    sampled_scores = scorer(records, sampled_texts)
+    metrics["rm_score_sampled"] = sum(sampled_scores) / max(len(sampled_scores), 1)
     metrics["kl_to_sft"] = None
     if reference is not None:
-        metrics["kl_to_sft"] = kl_estimate(model, reference.eval(), tok, [r["prompt"] for r in records],
-                                           max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
+        metrics["kl_to_sft"] = kl_estimate(model, reference.eval(), tok, prompts, max_new_tokens=max_new_tokens,
+                                           seed=seed, batch_size=batch_size, sampled=sampled)
     metrics.update({k: behaviour[k] for k in ("dismissive_rate", "repetitive_rate")})
     metrics["response_tokens"] = sum(answers.lengths) / max(len(answers.lengths), 1)
     return metrics, answers

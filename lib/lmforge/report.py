@@ -22,6 +22,7 @@ COLUMNS = {
     "val_bpb": "bits per byte of that text",
     "accuracy": "share of greedy answers to held-out verifiable prompts that are correct",
     "rm_score": "mean reward-model score of the greedy answers",
+    "rm_score_sampled": "mean reward-model score of one temperature-1 sample per prompt (the expected reward)",
     "win_rate": "reward-model win rate of the greedy answers against the SFT model's, ties counted 1/2",
     "wins": "prompts won against SFT",
     "ties": "prompts tied with SFT (identical answer or score within 1e-6)",

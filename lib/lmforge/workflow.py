@@ -99,3 +99,23 @@ def run_script(sm, body: Callable[["StageEnv"], object]) -> None:
 def config_sections(config: dict) -> Callable[..., dict]:
     """``section("model", "pretrain")`` → those config sections plus the seed: a rule's params."""
     return lambda *names: {**{n: config[n] for n in names}, "seed": config["seed"]}
+
+
+REWARD_MODEL = "results/reward/model.pt"
+SCORED_PAIRS = "results/scored/pairs.jsonl"
+
+
+def optional_inputs(config: dict, stage: str) -> dict:
+    """Inputs a stage has only when its config asks for them: a reference model, a data file,
+    the reward model (reward_fn.rm > 0), the on-policy pairs (dpo.on_policy). Used by the rules and the CLI."""
+    cfg = config[stage]
+    inputs = {}
+    if cfg.get("reference"):
+        inputs["reference"] = cfg["reference"]
+    if cfg.get("data"):
+        inputs["data"] = cfg["data"]
+    if (cfg.get("reward_fn") or {}).get("rm", 0) > 0:
+        inputs["reward_model"] = REWARD_MODEL
+    if cfg.get("on_policy"):
+        inputs["pairs"] = SCORED_PAIRS
+    return inputs

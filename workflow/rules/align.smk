@@ -3,25 +3,10 @@ ALIGN_CODE = ("model.py", "train/loop.py", "train/optim.py", "train/policy.py", 
               "tasks.py", "tokenizer.py", "data/builtin.py", "data/formats.py", "data/records.py", "checkpoint.py")
 
 
-def optional_inputs(stage):
-    """Inputs a stage has only when its config asks for them: a reference, a data file, the reward model."""
-    cfg = config[stage]
-    inputs = {}
-    if cfg.get("reference"):
-        inputs["reference"] = cfg["reference"]
-    if cfg.get("data"):
-        inputs["data"] = cfg["data"]
-    if cfg.get("reward_fn", {}).get("rm", 0) > 0:
-        inputs["reward_model"] = rules.reward.output.model
-    if cfg.get("on_policy"):
-        inputs["pairs"] = rules.score.output.pairs
-    return inputs
-
-
 rule dpo:
     input:
         policy=rules.sft.output.model,
-        **optional_inputs("dpo"),
+        **optional_inputs(config, "dpo"),
     output:
         model="results/dpo/model.pt",
         metrics="results/dpo/metrics.json",
@@ -40,7 +25,7 @@ rule dpo:
 rule ppo:
     input:
         policy=rules.sft.output.model,
-        **optional_inputs("ppo"),
+        **optional_inputs(config, "ppo"),
     output:
         model="results/ppo/model.pt",
         metrics="results/ppo/metrics.json",
@@ -59,7 +44,7 @@ rule ppo:
 rule grpo:
     input:
         policy=rules.sft.output.model,
-        **optional_inputs("grpo"),
+        **optional_inputs(config, "grpo"),
     output:
         model="results/grpo/model.pt",
         metrics="results/grpo/metrics.json",

@@ -2,8 +2,7 @@ rule score:
     input:
         policy=rules.sft.output.model,
         # The reward model and a prompt file are inputs only when the config uses them.
-        **({"reward_model": rules.reward.output.model} if config["score"]["reward_fn"]["rm"] > 0 else {}),
-        **({"data": config["score"]["data"]} if config["score"]["data"] else {}),
+        **optional_inputs(config, "score"),
     output:
         samples="results/scored/samples.parquet",
         summary="results/scored/summary.json",
