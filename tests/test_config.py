@@ -155,9 +155,10 @@ def test_override_through_a_scalar_names_the_key(tmp_path):
     ({"dpo": {"mini_batch_size": 3}}, r"'dpo.mini_batch_size' \(3\) must divide 'dpo.batch_size' \(16\)"),
     ({"ppo": {"batch_size": 32, "mini_batch_size": 5}}, r"'ppo.mini_batch_size' \(5\) must divide 'ppo.batch_size' \(32\)"),
     ({"grpo": {"batch_size": 4, "mini_batch_size": 8}}, r"'grpo.mini_batch_size' \(8\) must divide"),
-    ({"dpo": {"grad_accum_steps": 2}}, r"'dpo.grad_accum_steps' is not used by dpo"),
+    ({"dpo": {"grad_accum_steps": 2}}, r"'dpo.grad_accum_steps' \(2\) is not used by dpo"),
+    ({"dpo": {"label_smoothing": 0.1, "loss_type": "ipo"}}, r"'dpo.label_smoothing' \(0.1\) applies only to"),
     ({"grpo": {"group_size": 1, "scale_rewards": "group"}}, r"'grpo.group_size' \(1\) and 'grpo.scale_rewards'"),
-    ({"dpo": {"beta": 0.1, "clip_range": 0.3}}, r"'dpo.beta' \(0.1\) and 'dpo.clip_range' \(0.3\) are aliases"),
+    ({"dpo": {"beta": 0.1, "clip_range": 0.3}}, r"'dpo.beta' \(0.1\) and 'dpo.clip_range' \(0.3\) are both set and differ"),
     ({"ppo": {"reward_fn": {"rm": 0}}}, r"'ppo.reward_fn': every weight .* is 0"),
     ({"score": {"reward_fn": {"hf": 1.0}}}, r"'score.reward_fn.hf_model' is required"),
 ])
@@ -170,9 +171,9 @@ def test_group_of_one_is_fine_without_group_scaling():
     assert check_config({"grpo": {"group_size": 1, "scale_rewards": "batch"}})["grpo"]["group_size"] == 1
 
 
-@pytest.mark.parametrize("section, expected", [({}, 0.1), ({"beta": 0.3}, 0.3), ({"clip_range": 0.2}, 0.2),
+@pytest.mark.parametrize("section, expected", [({}, 0.5), ({"beta": 0.3}, 0.3), ({"clip_range": 0.2}, 0.2),
                                                ({"beta": 0.2, "clip_range": 0.2}, 0.2)])
 def test_dpo_beta_alias(section, expected):
-    from lmforge.config import dpo_beta
+    from lmforge.train.dpo import resolve_beta
 
-    assert dpo_beta(check_config({"dpo": section})["dpo"]) == expected
+    assert resolve_beta(check_config({"dpo": section})["dpo"]) == expected

@@ -13,7 +13,7 @@ import pytest
 
 from lmforge.data import records
 from lmforge.data.records import read_records, record_error
-from lmforge.data.sources import SourceSpec, describe, iter_texts, load_texts, parse_source, parse_sources
+from lmforge.data.sources import SourceSpec, describe, load_texts, parse_source, parse_sources
 from lmforge.errors import LmforgeError
 
 KEY = "data.sources[0]"

@@ -92,7 +92,9 @@ def check_config(config: dict) -> dict:
         RewardSpec.from_dict(config[section]["reward_fn"], key=f"{section}.reward_fn")
     for section in ("dpo", "ppo", "grpo"):
         minibatches(config[section], section)
-    dpo_beta(config["dpo"])
+    from lmforge.train.dpo import check_section
+
+    check_section(config["dpo"])
     grpo = config["grpo"]
     if grpo["group_size"] < 2 and grpo["scale_rewards"] == "group":
         raise LmforgeError("config keys 'grpo.group_size' (1) and 'grpo.scale_rewards' (group) conflict: a group of "
@@ -105,19 +107,12 @@ def minibatches(section: dict, key: str) -> int:
     batch, mini = section["batch_size"], section.get("mini_batch_size") or section["batch_size"]
     if batch % mini:
         raise LmforgeError(f"config key '{key}.mini_batch_size' ({mini}) must divide '{key}.batch_size' ({batch})")
-    if section.get("grad_accum_steps", 1) != 1:
-        raise LmforgeError(f"config key '{key}.grad_accum_steps' is not used by {key}: batch_size / mini_batch_size "
-                           f"sets how a batch is split; remove it")
+    accum = section.get("grad_accum_steps", 1)
+    if accum != 1:
+        raise LmforgeError(f"config key '{key}.grad_accum_steps' ({accum}) is not used by {key}: "
+                           f"'{key}.batch_size' / '{key}.mini_batch_size' set how a batch is split; remove it")
     return batch // mini
 
-
-def dpo_beta(section: dict) -> float:
-    """DPO's beta; ``clip_range`` is accepted as its alias (the name some configs use), default 0.1."""
-    beta, alias = section.get("beta"), section.get("clip_range")
-    if beta is not None and alias is not None and beta != alias:
-        raise LmforgeError(f"config keys 'dpo.beta' ({beta}) and 'dpo.clip_range' ({alias}) are aliases "
-                           f"but disagree; set only one")
-    return beta if beta is not None else alias if alias is not None else 0.1
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> dict:

@@ -1,6 +1,7 @@
 # Alignment of the SFT model: DPO on preference pairs, PPO and GRPO on rollouts.
-ALIGN_CODE = ("model.py", "train/loop.py", "train/optim.py", "train/policy.py", "generate.py", "rewards.py",
-              "tasks.py", "tokenizer.py", "data/builtin.py", "data/formats.py", "data/records.py", "checkpoint.py")
+ALIGN_CODE = ("model.py", "train/loop.py", "train/optim.py", "train/policy.py", "train/sft.py", "train/reward.py",
+              "generate.py", "rewards.py", "tasks.py", "tokenizer.py", "config.py", "device.py", "data/builtin.py",
+              "data/formats.py", "data/records.py", "checkpoint.py", "stages/common.py", "stages/sft.py")
 
 
 rule dpo:

@@ -1,0 +1,138 @@
+"""DPO stage: align the SFT model on preference pairs against a frozen reference.
+
+The policy starts from the SFT checkpoint; the reference is ``dpo.reference``
+when set, else the SFT model itself. Pairs come from ``dpo.data`` (a record
+file), else from the scoring stage's on-policy pairs (``dpo.on_policy``), else
+the built-in ``pref_train`` split. The reference's log-probs of every training
+and held-out pair are computed once, before training, and the reference is
+then dropped: during training memory holds only the policy and its optimizer.
+Held-out numbers always come from the built-in ``pref_val`` split.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+
+from lmforge.checkpoint import file_sha256, load_model
+from lmforge.data.builtin import make_task_data
+from lmforge.data.formats import load_preferences
+from lmforge.errors import LmforgeError
+from lmforge.stages.common import publish, run_summary, setup
+from lmforge.stages.reward import builtin_pairs, fitting
+from lmforge.stages.sft import N_SAMPLES, greedy_responses
+from lmforge.train.dpo import (DPOBatches, check_section, dpo_loss, dpo_stats, encode_dpo_pairs, evaluate_dpo,
+                               minibatch_config, reference_logprobs, resolve_beta)
+from lmforge.train.loop import final_weights, train
+
+
+def load_reference(path: str, policy_path: str, policy_ckpt: dict, device):
+    """The frozen reference model: eval mode, no gradients, sharing the policy's tokenizer and vocabulary."""
+    try:
+        ref, _, ckpt = load_model(path, device=device)
+    except LmforgeError as e:
+        raise LmforgeError(f"config key 'dpo.reference': {e}") from None
+    theirs = (ckpt["tokenizer_sha256"], ckpt["model_config"]["vocab_size"])
+    ours = (policy_ckpt["tokenizer_sha256"], policy_ckpt["model_config"]["vocab_size"])
+    if theirs != ours:
+        raise LmforgeError(
+            f"config key 'dpo.reference': {path} has tokenizer {theirs[0][:12]} and vocab_size {theirs[1]}, "
+            f"but the policy {policy_path} has tokenizer {ours[0][:12]} and vocab_size {ours[1]}; "
+            f"the reference must share the policy's tokenizer and vocabulary")
+    return ref.eval().requires_grad_(False)
+
+
+def train_pairs(section: dict, inputs: dict, task_data: dict, tok, seq: int) -> tuple[list[dict], int, object]:
+    """(training pairs, number left out because the prompt fills the context, data identity for resume)."""
+    if section["data"]:
+        return load_preferences(section["data"], key="dpo.data"), 0, file_sha256(section["data"])
+    if section["on_policy"]:
+        if "pairs" not in inputs:
+            raise LmforgeError("config key 'dpo.on_policy' is true, but no scored pairs file was given")
+        pairs = load_preferences(inputs["pairs"], key="dpo.on_policy")
+        kept = fitting(pairs, tok, seq)  # made by the pipeline for any context: filter like builtin pairs
+        return kept, len(pairs) - len(kept), file_sha256(inputs["pairs"])
+    pairs, skipped = builtin_pairs(task_data, "pref_train", tok, seq)
+    return pairs, skipped, "builtin"
+
+
+def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
+    device = setup(env, params["seed"])
+    section = params["dpo"]
+    check_section(section)
+    beta = resolve_beta(section)
+    tcfg = minibatch_config(section, key="dpo")
+    loss_kw = dict(beta=beta, loss_type=section["loss_type"], label_smoothing=section["label_smoothing"])
+    policy, tok, ckpt = load_model(inputs["policy"], device=device)
+    mcfg = ckpt["model_config"]
+    reference = inputs.get("reference")
+    ref_model = load_reference(reference, inputs["policy"], ckpt, device) if reference else None
+    seq = mcfg["max_seq_len"] if ref_model is None else min(mcfg["max_seq_len"], ref_model.cfg.max_seq_len)
+
+    task_data = make_task_data(params["data"]["builtin"], params["seed"])
+    pairs, n_skipped, data_id = train_pairs(section, inputs, task_data, tok, seq)
+    val_pairs, n_val_skipped = builtin_pairs(task_data, "pref_val", tok, seq)
+    if not pairs or not val_pairs:
+        raise LmforgeError(f"dpo: no preference prompt fits model.max_seq_len ({seq}); raise it")
+    train_ex, val_ex = encode_dpo_pairs(tok, pairs, seq), encode_dpo_pairs(tok, val_pairs, seq)
+    n_truncated = sum(e.truncated for e in train_ex)
+
+    # The reference is frozen: score every pair with it once, then let it go. Without dpo.reference it
+    # is the SFT model, i.e. the policy before its first step (a resumed run loads its weights later).
+    t0 = time.perf_counter()
+    scorer = ref_model if ref_model is not None else policy
+    cache = dict(batch_size=tcfg.batch_size, pad_id=tok.pad_id, device=device)
+    ref_train, ref_val = reference_logprobs(scorer, train_ex, **cache), reference_logprobs(scorer, val_ex, **cache)
+    del scorer, ref_model
+    ref_s = time.perf_counter() - t0
+
+    batching = dict(pad_id=tok.pad_id, seed=params["seed"], device=device)
+    train_batches = DPOBatches(train_ex, ref_train, batch_size=tcfg.batch_size,
+                               grad_accum_steps=tcfg.grad_accum_steps, **batching)
+    val_batches = DPOBatches(val_ex, ref_val, batch_size=tcfg.batch_size, **batching)
+    print(f"dpo: {len(train_ex)} pairs ({n_truncated} truncated, {n_skipped} left out: prompt too long), "
+          f"{len(val_ex)} held out, beta {beta}, loss {section['loss_type']}, {tcfg.grad_accum_steps}x"
+          f"{tcfg.batch_size} pairs per step, reference log-probs in {ref_s:.1f}s, on {device}")
+
+    sample_prompts = [r["prompt"] for r in task_data["pref_val"]
+                      if len(tok.prompt_ids(r["prompt"])) < seq][:N_SAMPLES]
+    fingerprint = {"init": file_sha256(inputs["policy"]), "reference": file_sha256(reference) if reference else None,
+                   "data": data_id, "builtin": params["data"]["builtin"], "seed": params["seed"], **loss_kw}
+    lineage = {k: inputs[k] for k in ("policy", "reference", "data", "pairs") if inputs.get(k)}
+    with env.tracker(params, lineage) as run:
+        run.set_tags({"device": str(device)})
+
+        def log_samples(m: torch.nn.Module, step: int) -> None:
+            with torch.no_grad():
+                replies = greedy_responses(m, tok, sample_prompts)
+            run.log_text("\n\n".join(f"> {p}\n{r}" for p, r in zip(sample_prompts, replies)),
+                         f"samples/step_{step:06d}.txt")
+
+        t0 = time.perf_counter()
+        result = train(policy, stage="dpo", cfg=tcfg, model_config=mcfg, batch_fn=train_batches.batch,
+                       loss_fn=lambda m, b: dpo_loss(m, b, **loss_kw),
+                       eval_fn=lambda m: evaluate_dpo(m, val_batches, **loss_kw),
+                       ckpt_dir=env.ckpt_dir, device=device, fingerprint=fingerprint, run=run,
+                       on_eval=log_samples)
+        wall = time.perf_counter() - t0
+        policy.load_state_dict(final_weights(result, tcfg))
+        policy.eval()
+        with torch.no_grad():
+            final = evaluate_dpo(policy, val_batches, **loss_kw)
+            # TRL's training metrics of the published model, on a fixed slice of the training pairs.
+            train_end = dpo_stats(policy, train_batches, limit=tcfg.eval_steps, **loss_kw)
+            replies = greedy_responses(policy, tok, sample_prompts)
+        metrics = {
+            **final, **train_end, "n_train": len(train_ex), "n_val": len(val_ex), "n_truncated": n_truncated,
+            "n_skipped": n_skipped, "n_val_skipped": n_val_skipped, "beta": beta, "loss_type": section["loss_type"],
+            "reference_s": ref_s, **run_summary(result, wall, device),
+            "samples": [{"prompt": p, "response": r} for p, r in zip(sample_prompts, replies)],
+        }
+        publish(run, env, params, outputs, policy, kind="causal_lm", model_config=mcfg, tokenizer=tok,
+                stage="dpo", step=result.step, metrics=metrics,
+                final_metrics={f"final_{k}": v for k, v in final.items()})
+    print(f"dpo: done in {wall:.1f}s, held-out accuracy {final['val_accuracy']:.3f}, "
+          f"margin {final['val_margin']:.3f}")
+    print(json.dumps(metrics["samples"], indent=1))
+    return metrics
