@@ -157,7 +157,8 @@ def test_override_through_a_scalar_names_the_key(tmp_path):
     ({"grpo": {"batch_size": 4, "mini_batch_size": 8}}, r"'grpo.mini_batch_size' \(8\) must divide"),
     ({"dpo": {"grad_accum_steps": 2}}, r"'dpo.grad_accum_steps' \(2\) is not used by dpo"),
     ({"dpo": {"label_smoothing": 0.1, "loss_type": "ipo"}}, r"'dpo.label_smoothing' \(0.1\) applies only to"),
-    ({"grpo": {"group_size": 1, "scale_rewards": "group"}}, r"'grpo.group_size' \(1\) and 'grpo.scale_rewards'"),
+    ({"grpo": {"group_size": 1, "scale_rewards": "group"}}, r"'grpo.group_size' is 1 \(with 'grpo.scale_rewards': group\)"),
+    ({"grpo": {"group_size": 1, "scale_rewards": "none"}}, r"'grpo.group_size' is 1 .*advantage 0"),
     ({"dpo": {"beta": 0.1, "clip_range": 0.3}}, r"'dpo.beta' \(0.1\) and 'dpo.clip_range' \(0.3\) are both set and differ"),
     ({"ppo": {"reward_fn": {"rm": 0}}}, r"'ppo.reward_fn': every weight .* is 0"),
     ({"score": {"reward_fn": {"hf": 1.0}}}, r"'score.reward_fn.hf_model' is required"),
@@ -165,10 +166,6 @@ def test_override_through_a_scalar_names_the_key(tmp_path):
 def test_alignment_cross_field_errors(override, message):
     with pytest.raises(LmforgeError, match=message):
         check_config(override)
-
-
-def test_group_of_one_is_fine_without_group_scaling():
-    assert check_config({"grpo": {"group_size": 1, "scale_rewards": "batch"}})["grpo"]["group_size"] == 1
 
 
 @pytest.mark.parametrize("section, expected", [({}, 0.5), ({"beta": 0.3}, 0.3), ({"clip_range": 0.2}, 0.2),

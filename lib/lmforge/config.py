@@ -96,9 +96,10 @@ def check_config(config: dict) -> dict:
 
     check_section(config["dpo"])
     grpo = config["grpo"]
-    if grpo["group_size"] < 2 and grpo["scale_rewards"] == "group":
-        raise LmforgeError("config keys 'grpo.group_size' (1) and 'grpo.scale_rewards' (group) conflict: a group of "
-                           "one sample has no spread, so every advantage would be 0; raise group_size or use batch/none")
+    if grpo["group_size"] < 2:
+        raise LmforgeError(f"config key 'grpo.group_size' is 1 (with 'grpo.scale_rewards': {grpo['scale_rewards']}): "
+                           f"an advantage is a reward minus its group's mean, so a group of one sample always has "
+                           f"advantage 0 (and no std to scale by); use group_size >= 2")
     return config
 
 

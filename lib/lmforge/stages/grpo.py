@@ -1,0 +1,165 @@
+"""GRPO stage: improve the SFT model with group-relative policy optimization on rewarded rollouts.
+
+Prompts are the built-in RL prompts (``grpo.data: null``) or a prompt file;
+the reward is ``grpo.reward_fn`` (default: the verifiable checker alone). Only
+what the config needs is loaded: the policy, the reference when ``beta > 0``,
+the reward model when ``reward_fn.rm > 0``. Held-out numbers come from the
+built-in ``rl_val`` split (problems disjoint from every training split):
+greedy task accuracy and dismissive rate before (the SFT model) and after;
+the first ``VAL_PROMPTS`` of them pick the best checkpoint
+(``val_loss = -val_accuracy``).
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+
+from lmforge.checkpoint import file_sha256, load_model
+from lmforge.config import TrainConfig
+from lmforge.data.builtin import make_task_data
+from lmforge.data.formats import load_prompts
+from lmforge.device import autocast
+from lmforge.errors import LmforgeError
+from lmforge.rewards import RewardFunction, RewardSpec
+from lmforge.stages.common import publish, run_summary, setup
+from lmforge.stages.sft import N_SAMPLES, greedy_responses
+from lmforge.tasks import is_correct, is_dismissive
+from lmforge.train.grpo import GRPOConfig, grpo_loss, make_rollout
+from lmforge.train.loop import final_weights, train
+from lmforge.train.policy import load_reference
+from lmforge.train.rollout import RolloutSchedule, prompt_stream
+
+VAL_PROMPTS = 100  # held-out prompts greedily answered at each evaluation (checkpoint selection)
+
+
+def prompt_ids(tok, prompt) -> list[int]:
+    return tok.prompt_ids(prompt) if isinstance(prompt, str) else tok.render_prompt(prompt)
+
+
+def fitting_prompts(records: list[dict], tok, max_seq_len: int) -> list[dict]:
+    """Prompt records that leave the context room for at least one response token."""
+    return [r for r in records if len(prompt_ids(tok, r["prompt"])) < max_seq_len]
+
+
+def heldout_metrics(model, tok, records: list[dict]) -> dict:
+    """Greedy accuracy and dismissive rate on single-turn prompt records with answers."""
+    responses = greedy_responses(model, tok, [r["prompt"] for r in records])
+    n = max(len(records), 1)
+    return {"accuracy": sum(is_correct(s, r["answer"], r["task"]) for s, r in zip(responses, records)) / n,
+            "dismissive_rate": sum(is_dismissive(s) for s in responses) / n}
+
+
+def train_prompts(params: dict, inputs: dict, task_data: dict) -> tuple[list[dict], str]:
+    """(prompt records, where they came from) for the configured data."""
+    source = inputs.get("data") or params["grpo"]["data"]
+    if source is None:
+        return load_prompts(task_data["rl_train"], key="grpo.data", name="builtin:rl_train"), "builtin:rl_train"
+    return load_prompts(source, key="grpo.data"), str(source)
+
+
+def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
+    device = setup(env, params["seed"])
+    section = params["grpo"]
+    cfg = GRPOConfig.from_dict(section, key="grpo")
+    # The loop's step is one mini-batch of whole groups; nothing to accumulate.
+    tcfg = TrainConfig.from_dict({**section, "batch_size": cfg.mini_batch_size, "grad_accum_steps": 1}, key="grpo")
+    spec = RewardSpec.from_dict(section["reward_fn"], key="grpo.reward_fn")
+
+    # ---- data: checked before any model is loaded ---------------------------------
+    task_data = make_task_data(params["data"]["builtin"], params["seed"])
+    records, source = train_prompts(params, inputs, task_data)
+    spec.check_prompts(records, source, key="grpo.reward_fn")
+
+    model, tok, ckpt = load_model(inputs["policy"], device=device)
+    mcfg = ckpt["model_config"]
+    seq = mcfg["max_seq_len"]
+    prompts = fitting_prompts(records, tok, seq)
+    if not prompts:
+        raise LmforgeError(f"grpo.data: no prompt in {source} leaves room for a response within "
+                           f"model.max_seq_len ({seq})")
+    heldout = fitting_prompts(load_prompts(task_data["rl_val"], key="grpo", name="builtin:rl_val"), tok, seq)
+    val_records = heldout[:VAL_PROMPTS]
+
+    # ---- frozen models: only those the config asks for -----------------------------
+    reference_path = (inputs.get("reference") or section["reference"] or inputs["policy"]) if cfg.beta > 0 else None
+    reference = load_reference(reference_path, tok, device=device, key="grpo.reference") if reference_path else None
+    reward_fn = RewardFunction(spec, policy_tokenizer=tok, reward_model_path=inputs.get("reward_model"),
+                               device=device, key="grpo.reward_fn")
+    print(f"grpo: {len(prompts)} prompts from {source} ({len(records) - len(prompts)} too long), "
+          f"{cfg.batch_size} x {cfg.group_size} samples per iteration, {cfg.steps_per_iteration} steps each, "
+          f"reference: {reference_path or 'none (beta 0)'}, on {device}")
+
+    # ---- rollouts, scheduled inside the loop ----------------------------------------
+    stream = prompt_stream(prompts, cfg.batch_size * cfg.oversample, params["seed"])
+    sampled: dict = {}  # statistics of the current iteration's sampling, logged with each of its steps
+
+    def rollout(iteration: int):
+        # Sampling is a pure function of (seed, iteration) and the current policy.
+        gen = torch.Generator(device=device).manual_seed(params["seed"] * 1_000_003 + iteration)
+        with autocast(device):
+            ro, stats = make_rollout(model, tok, stream(iteration), cfg, reward_fn, reference=reference,
+                                     generator=gen, device=device)
+        sampled.update(stats)
+        return ro
+
+    def loss_fn(m, batch):
+        loss, metrics = grpo_loss(m, batch, cfg)
+        return loss, {**metrics, **sampled}
+
+    schedule = RolloutSchedule(rollout, n_rows=cfg.batch_size * cfg.group_size, n_minibatches=cfg.n_minibatches,
+                               ppo_epochs=cfg.ppo_epochs, seed=params["seed"], rows_per_unit=cfg.group_size)
+
+    def eval_fn(m) -> dict:
+        responses = greedy_responses(m, tok, [r["prompt"] for r in val_records])
+        acc = sum(is_correct(s, r["answer"], r["task"]) for s, r in zip(responses, val_records))
+        acc /= max(len(val_records), 1)
+        return {"val_loss": -acc, "val_accuracy": acc,
+                "val_reward": reward_fn(val_records, responses).reward.mean().item()}
+
+    sample_prompts = [r["prompt"] for r in heldout[:N_SAMPLES]]
+    before = heldout_metrics(model, tok, heldout)
+    fingerprint = {"init": file_sha256(inputs["policy"]), "seed": params["seed"],
+                   "data": file_sha256(source) if source != "builtin:rl_train" else params["data"]["builtin"],
+                   "grpo": TrainConfig.split(section)[1], "batch_size": section["batch_size"],
+                   "reference": file_sha256(reference_path) if reference_path else None,
+                   "reward_model": file_sha256(inputs["reward_model"]) if spec.rm > 0 else None}
+    lineage = {k: inputs[k] for k in ("policy", "reference", "reward_model", "data") if inputs.get(k)}
+
+    with env.tracker(params, lineage) as run:
+        run.set_tags({"device": str(device)})
+
+        def log_samples(m: torch.nn.Module, step: int) -> None:
+            with torch.no_grad():
+                replies = greedy_responses(m, tok, sample_prompts)
+            run.log_text("\n\n".join(f"> {p}\n{r}" for p, r in zip(sample_prompts, replies)),
+                         f"samples/step_{step:06d}.txt")
+
+        t0 = time.perf_counter()
+        result = train(model, stage="grpo", cfg=tcfg, model_config=mcfg, batch_fn=schedule.batch,
+                       loss_fn=loss_fn, eval_fn=eval_fn, ckpt_dir=env.ckpt_dir,
+                       device=device, fingerprint=fingerprint, run=run, on_eval=log_samples)
+        wall = time.perf_counter() - t0
+        model.load_state_dict(final_weights(result, tcfg))
+        model.eval()
+        with torch.no_grad(), autocast(device):
+            final = eval_fn(model)
+            after = heldout_metrics(model, tok, heldout)
+            replies = greedy_responses(model, tok, sample_prompts)
+        metrics = {
+            **final, "n_prompts": len(prompts), "n_prompts_skipped": len(records) - len(prompts),
+            "reference": str(reference_path) if reference_path else None, **run_summary(result, wall, device),
+            "heldout": {"sft": before, "grpo": after, "n": len(heldout), "n_selection": len(val_records),
+                        "n_skipped": len(task_data["rl_val"]) - len(heldout)},
+            "samples": [{"prompt": p, "response": r} for p, r in zip(sample_prompts, replies)],
+        }
+        publish(run, env, params, outputs, model, kind="causal_lm", model_config=mcfg, tokenizer=tok,
+                stage="grpo", step=result.step, metrics=metrics,
+                final_metrics={"final_val_accuracy": final["val_accuracy"],
+                               **{f"heldout_{k}": v for k, v in after.items()},
+                               **{f"sft_heldout_{k}": v for k, v in before.items()}})
+    print(f"grpo: done in {wall:.1f}s, held-out accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f}, "
+          f"dismissive {before['dismissive_rate']:.3f} -> {after['dismissive_rate']:.3f}")
+    print(json.dumps(metrics["samples"], indent=1))
+    return metrics

@@ -1,0 +1,285 @@
+"""Group Relative Policy Optimization: group advantages, the clipped loss, rollouts with their extras.
+
+GRPO (Shao et al. 2024, DeepSeekMath) drops PPO's value function: each prompt
+is answered ``group_size`` times and a response's advantage is its reward
+relative to the other answers to the same prompt,
+
+    A_i = (r_i - mean(r_group)) / scale,   scale = std(r_group) + 1e-4   (scale_rewards: group)
+                                                   std(r_batch) + 1e-4   (batch)
+                                                   1                     (none, Dr. GRPO)
+
+the same for every token of response i. Per response token, with
+``ratio = exp(logp - old_logp)``,
+
+    loss_t = -min(ratio * A, clip(ratio, 1 - epsilon, 1 + epsilon_high) * A) + beta * k3_t
+    k3_t   = exp(ref_t - logp_t) - (ref_t - logp_t) - 1        (an unbiased, non-negative KL estimate)
+
+and the per-token losses are averaged by ``loss_type``:
+
+* ``grpo``: mean over each response's tokens, then over responses (long answers
+  weigh less per token);
+* ``dr_grpo``: sum over all tokens / (n_responses * max_new_tokens), a constant
+  normaliser, so length earns no bias (Liu et al. 2025, "Understanding R1-Zero");
+* ``dapo``: sum over all tokens / number of response tokens (Yu et al. 2025);
+  with ``epsilon_high > epsilon`` that is DAPO's token-level loss and clip-higher.
+
+Batch terms. ``batch_size`` prompts are sampled per *iteration*, each
+``group_size`` times at ``grpo_temperature``; ``mini_batch_size`` prompts (whole
+groups, so group statistics stay meaningful) train one optimizer step (null:
+all of them); ``ppo_epochs`` passes over the iteration's rollouts. One iteration
+is ``ppo_epochs * batch_size / mini_batch_size`` optimizer steps and
+``max_steps`` counts optimizer steps. ``old_logp`` is the sampling policy's
+log-prob, computed once per iteration; when an iteration is a single step the
+policy has not moved yet, so it equals ``logp.detach()`` and is not computed.
+
+Dynamic sampling (DAPO). A group whose answers all score the same has advantage
+0 and only costs compute; when correct answers are rare most groups are like
+that. With ``oversample`` k > 1, up to k * batch_size prompts are sampled,
+batch_size at a time, until batch_size groups with differing rewards are found,
+and those are trained on (topped up with equal-reward groups if too few).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from lmforge.config import minibatches
+from lmforge.errors import LmforgeError
+from lmforge.train.policy import CompletionBatch, completion_batch, masked_mean, token_logprobs
+from lmforge.train.rollout import Rollout, sample_rollout
+
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
+SCALE_REWARDS = ("group", "batch", "none")
+STD_EPS = 1e-4  # added to the std before dividing: a group whose rewards barely differ must not explode
+
+
+@dataclass
+class GRPOConfig:
+    """The grpo section's algorithm knobs (the training knobs go to TrainConfig)."""
+
+    batch_size: int  # prompts per iteration
+    mini_batch_size: int  # prompts (whole groups) per optimizer step
+    ppo_epochs: int  # passes over an iteration's rollouts
+    group_size: int  # samples per prompt
+    temperature: float  # sampling temperature; log-probs are taken at the same temperature
+    max_new_tokens: int
+    top_k: int
+    top_p: float
+    scale_rewards: str  # group | batch | none
+    epsilon: float  # lower clip range
+    epsilon_high: float  # upper clip range (DAPO's clip-higher when above epsilon)
+    beta: float  # weight of the k3 KL to the reference; 0: no reference at all
+    loss_type: str  # grpo | dr_grpo | dapo
+    oversample: int = 1  # sample up to this many batches of prompts to find groups whose rewards differ
+
+    @classmethod
+    def from_dict(cls, section: dict, key: str = "grpo") -> "GRPOConfig":
+        """From a schema-completed grpo section; errors name the config keys."""
+        n_mb = minibatches(section, key)  # mini_batch_size must divide batch_size; no grad_accum_steps
+        group, scale = section["group_size"], section["scale_rewards"]
+        if group < 2:
+            # The baseline is the group's own mean, so a group of one always has advantage 0,
+            # and under 'group' scaling its std is undefined as well.
+            raise LmforgeError(
+                f"config keys '{key}.group_size' ({group}) and '{key}.scale_rewards' ({scale}) leave nothing to "
+                f"learn: a group of one sample has no spread (no std), and its advantage, reward - group mean, "
+                f"is always 0; set '{key}.group_size' to 2 or more")
+        for name, allowed in (("loss_type", LOSS_TYPES), ("scale_rewards", SCALE_REWARDS)):
+            if section[name] not in allowed:
+                raise LmforgeError(f"config key '{key}.{name}': {section[name]!r} is not allowed "
+                                   f"(choose from {', '.join(allowed)})")
+        eps, eps_high = section["epsilon"], section["epsilon_high"]
+        return cls(batch_size=section["batch_size"], mini_batch_size=section["batch_size"] // n_mb,
+                   ppo_epochs=section["ppo_epochs"], group_size=group, temperature=section["grpo_temperature"],
+                   max_new_tokens=section["max_new_tokens"], top_k=section["top_k"], top_p=section["top_p"],
+                   scale_rewards=scale, epsilon=eps, epsilon_high=eps if eps_high is None else eps_high,
+                   beta=section["beta"], loss_type=section["loss_type"], oversample=section.get("oversample", 1))
+
+    @property
+    def n_minibatches(self) -> int:
+        return self.batch_size // self.mini_batch_size
+
+    @property
+    def steps_per_iteration(self) -> int:
+        return self.ppo_epochs * self.n_minibatches
+
+
+# --------------------------------------------------------------------------- pure math
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
+    """Advantages (N,) of rewards (N,) laid out group by group (rows g*G .. g*G+G-1 answer prompt g).
+
+    reward - its group's mean, divided by the group's std (``group``), the whole
+    batch's std (``batch``) or nothing (``none``); stds are unbiased (n - 1), plus 1e-4.
+    """
+    grouped = rewards.float().view(-1, group_size)  # (n_prompts, G)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale == "group":
+        centred = centred / (grouped.std(dim=1, keepdim=True) + STD_EPS)
+    elif scale == "batch":
+        centred = centred / (rewards.float().std() + STD_EPS)
+    elif scale != "none":
+        raise ValueError(f"unknown scale_rewards {scale!r}")
+    return centred.reshape(-1)
+
+
+def group_std(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Each row's group's reward std (unbiased), (N,): the spread the advantage is measured against."""
+    return rewards.float().view(-1, group_size).std(dim=1).repeat_interleave(group_size)
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(policy || reference), same shape as the inputs, >= 0."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, *,
+                      epsilon: float, epsilon_high: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO's clipped objective per token, as a loss.
+
+    logp, old_logp: (B, T); advantages: (B,) broadcast over each row's tokens.
+    Returns (loss (B, T), low_clipped (B, T) bool, high_clipped (B, T) bool): a token
+    is clipped where the clipped term is the one ``min`` picks and carries no gradient
+    (ratio below 1 - epsilon with A < 0, or above 1 + epsilon_high with A > 0).
+    """
+    adv = advantages[:, None]
+    ratio = torch.exp(logp - old_logp)
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
+    loss = -torch.min(ratio * adv, clipped * adv)
+    low = (ratio < 1 - epsilon) & (adv < 0)
+    high = (ratio > 1 + epsilon_high) & (adv > 0)
+    return loss, low, high
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, max_new_tokens: int) -> torch.Tensor:
+    """Reduce per-token losses (B, T) over response tokens (mask (B, T) 0/1) to a scalar; see the module doc."""
+    if loss_type == "grpo":
+        return masked_mean(per_token, mask, dim=1).mean()
+    if loss_type == "dr_grpo":
+        return (per_token * mask).sum() / (per_token.shape[0] * max_new_tokens)
+    if loss_type == "dapo":
+        return (per_token * mask).sum() / mask.sum().clamp(min=1)
+    raise ValueError(f"unknown loss_type {loss_type!r}")
+
+
+# --------------------------------------------------------------------------- rollouts
+
+
+@torch.no_grad()
+def chunked_logprobs(model, batch: CompletionBatch, *, temperature: float, chunk: int) -> torch.Tensor:
+    """token_logprobs (N, T-1) of a frozen pass (reference, or the sampling policy), ``chunk`` rows at a time."""
+    was_training = model.training
+    model.eval()
+    try:
+        parts = []
+        for s in range(0, len(batch), chunk):
+            rows = CompletionBatch(batch.input_ids[s:s + chunk], batch.key_padding_mask[s:s + chunk],
+                                   batch.response_mask[s:s + chunk])
+            parts.append(token_logprobs(model, rows, temperature=temperature))
+    finally:
+        model.train(was_training)
+    return torch.cat(parts)
+
+
+def informative_groups(rewards: torch.Tensor, group_size: int, n_keep: int) -> list[int]:
+    """Indices of ``n_keep`` groups (rewards (N,) laid out group by group), in ascending order:
+    those whose rewards differ first (a group of equal rewards has advantage 0 and teaches nothing),
+    then equal-reward groups to fill up."""
+    spread = rewards.float().view(-1, group_size).std(dim=1) > 0
+    order = [g for g in range(len(spread)) if spread[g]] + [g for g in range(len(spread)) if not spread[g]]
+    return sorted(order[:n_keep])
+
+
+def make_rollout(policy, tok, records: Sequence[dict], cfg: GRPOConfig, reward_fn, *, reference=None,
+                 generator: torch.Generator | None = None, device=None) -> tuple[Rollout, dict]:
+    """Sample ``group_size`` answers per prompt, score them, keep ``batch_size`` groups, attach what the loss needs.
+
+    records: ``batch_size * oversample`` prompts. They are sampled ``batch_size`` at
+    a time until ``batch_size`` groups with differing rewards are found or the
+    records run out (DAPO's dynamic sampling; with oversample 1 one round, all kept).
+    ``extra`` of the kept rows (N = batch_size * group_size): advantages, rewards,
+    correct (nan where no reference answer), group_std, truncated (1: hit
+    max_new_tokens), all (N,); ref_logps (N, T-1) when a reference is given;
+    old_logps (N, T-1) when an iteration takes more than one optimizer step.
+    Also returns statistics of everything sampled (before the selection).
+    """
+    G, B = cfg.group_size, cfg.batch_size
+    rows = {"records": [], "prompt_ids": [], "response_ids": [], "responses": [], "finished": [], "rewards": [],
+            "correct": []}
+    for start in range(0, len(records), B):
+        ro = sample_rollout(policy, tok, records[start:start + B], n_per_prompt=G, max_new_tokens=cfg.max_new_tokens,
+                            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=generator)
+        scored = reward_fn(ro.records, ro.responses, ro.response_ids)
+        correct = scored.correct if scored.correct is not None else torch.full((len(ro),), float("nan"))
+        for name, values in (("records", ro.records), ("prompt_ids", ro.prompt_ids),
+                             ("response_ids", ro.response_ids), ("responses", ro.responses),
+                             ("finished", ro.finished.tolist()), ("rewards", scored.reward.float().tolist()),
+                             ("correct", correct.float().tolist())):
+            rows[name] += list(values)
+        n_spread = int((torch.tensor(rows["rewards"]).view(-1, G).std(dim=1) > 0).sum())
+        if n_spread >= B:
+            break
+    sampled = torch.tensor(rows["rewards"])
+    stats = {"rollout/reward": sampled.mean().item(),
+             "rollout/frac_reward_zero_std": 1 - n_spread / (len(sampled) // G),
+             "rollout/prompts": len(sampled) // G}
+    if not torch.isnan(torch.tensor(rows["correct"])).all():
+        stats["rollout/accuracy"] = torch.tensor(rows["correct"]).nanmean().item()
+    keep = [g * G + j for g in informative_groups(sampled, G, B) for j in range(G)]
+    pick = {name: [values[i] for i in keep] for name, values in rows.items()}
+    ro = Rollout(records=pick["records"], prompt_ids=pick["prompt_ids"], response_ids=pick["response_ids"],
+                 responses=pick["responses"], finished=torch.tensor(pick["finished"], dtype=torch.bool),
+                 batch=completion_batch(pick["prompt_ids"], pick["response_ids"], tok.pad_id, device=device))
+    rewards = torch.tensor(pick["rewards"])
+    extra = {"advantages": group_advantages(rewards, G, cfg.scale_rewards), "rewards": rewards,
+             "correct": torch.tensor(pick["correct"]), "group_std": group_std(rewards, G),
+             "truncated": (~ro.finished).float()}
+    chunk = cfg.mini_batch_size * G
+    if reference is not None:
+        extra["ref_logps"] = chunked_logprobs(reference, ro.batch, temperature=cfg.temperature, chunk=chunk)
+    if cfg.steps_per_iteration > 1:
+        extra["old_logps"] = chunked_logprobs(policy, ro.batch, temperature=cfg.temperature, chunk=chunk)
+    ro.extra = {k: v.to(ro.batch.input_ids.device) for k, v in extra.items()}
+    return ro, stats
+
+
+# --------------------------------------------------------------------------- loss
+
+
+def grpo_loss(model, batch: dict, cfg: GRPOConfig) -> tuple[torch.Tensor, dict]:
+    """The loop's loss_fn: batch is a ``RolloutSchedule.batch`` dict (whole groups)."""
+    cb: CompletionBatch = batch["batch"]
+    mask = cb.response_mask
+    logp = token_logprobs(model, cb, temperature=cfg.temperature)
+    old = batch["old_logps"] if "old_logps" in batch else logp.detach()
+    per_token, low, high = clipped_surrogate(logp, old, batch["advantages"], epsilon=cfg.epsilon,
+                                             epsilon_high=cfg.epsilon_high)
+    metrics = {}
+    if cfg.beta > 0:
+        kl = k3_kl(logp, batch["ref_logps"])
+        per_token = per_token + cfg.beta * kl
+        metrics["kl"] = masked_mean(kl.detach(), mask).item()
+    loss = aggregate(per_token, mask, cfg.loss_type, cfg.max_new_tokens)
+    low, high = low.float(), high.float()
+    metrics.update(rollout_metrics(batch, cfg.group_size))
+    metrics.update({"clip_ratio": masked_mean(low + high, mask).item(), "clip_ratio/low": masked_mean(low, mask).item(),
+                    "clip_ratio/high": masked_mean(high, mask).item(),
+                    "completions/mean_length": mask.sum(1).mean().item(),
+                    "tokens": float(cb.key_padding_mask.sum())})
+    return loss, metrics
+
+
+def rollout_metrics(batch: dict, group_size: int) -> dict:
+    """Reward statistics of a mini-batch's rows (TRL's names where it has one)."""
+    rewards, stds = batch["rewards"], batch["group_std"]
+    out = {"reward": rewards.mean().item(), "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
+           "reward_group_std": stds.mean().item(), "frac_reward_zero_std": (stds == 0).float().mean().item(),
+           "completions/clipped_ratio": batch["truncated"].mean().item()}
+    correct = batch["correct"]
+    if not torch.isnan(correct).all():
+        out["accuracy"] = correct.nanmean().item()
+    return out
