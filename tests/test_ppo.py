@@ -284,7 +284,7 @@ def test_reference_with_another_tokenizer_is_refused(tmp_path, ckpts):
 
 @pytest.mark.parametrize("value_model,kl_target", [("separate", None), ("shared", 0.5)])
 def test_tiny_stage_run_writes_policy_and_metrics(tmp_path, ckpts, value_model, kl_target, capsys):
-    params = stage_params(value_model=value_model, kl_target=kl_target,
+    params = stage_params(value_model=value_model, kl_target=kl_target, kl_coef=0.05,
                           reward_fn={"rm": 1.0, "verifiable": 0.5})
     metrics, outputs = run_stage(tmp_path, params, {"policy": ckpts["policy"], "reward_model": ckpts["reward_model"]})
     model, _, ckpt = load_model(outputs["model"])
