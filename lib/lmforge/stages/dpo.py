@@ -21,7 +21,7 @@ from lmforge.data.formats import load_preferences
 from lmforge.errors import LmforgeError
 from lmforge.stages.common import publish, run_summary, setup
 from lmforge.stages.reward import builtin_pairs, fitting
-from lmforge.stages.sft import N_SAMPLES, greedy_responses
+from lmforge.stages.sft import N_SAMPLES, greedy_responses, sample_logger
 from lmforge.train.dpo import (DPOBatches, check_section, dpo_loss, dpo_stats, encode_dpo_pairs, evaluate_dpo,
                                minibatch_config, reference_logprobs, resolve_beta)
 from lmforge.train.loop import final_weights, train
@@ -103,11 +103,7 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
     with env.tracker(params, lineage) as run:
         run.set_tags({"device": str(device)})
 
-        def log_samples(m: torch.nn.Module, step: int) -> None:
-            with torch.no_grad():
-                replies = greedy_responses(m, tok, sample_prompts)
-            run.log_text("\n\n".join(f"> {p}\n{r}" for p, r in zip(sample_prompts, replies)),
-                         f"samples/step_{step:06d}.txt")
+        log_samples = sample_logger(run, tok, sample_prompts)
 
         t0 = time.perf_counter()
         result = train(policy, stage="dpo", cfg=tcfg, model_config=mcfg, batch_fn=train_batches.batch,

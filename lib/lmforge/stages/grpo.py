@@ -24,7 +24,7 @@ from lmforge.device import autocast
 from lmforge.errors import LmforgeError
 from lmforge.rewards import RewardFunction, RewardSpec
 from lmforge.stages.common import publish, run_summary, setup
-from lmforge.stages.sft import N_SAMPLES, greedy_responses
+from lmforge.stages.sft import N_SAMPLES, greedy_responses, sample_logger
 from lmforge.tasks import is_correct, is_dismissive
 from lmforge.train.grpo import GRPOConfig, grpo_loss, make_rollout
 from lmforge.train.loop import final_weights, train
@@ -130,11 +130,7 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
     with env.tracker(params, lineage) as run:
         run.set_tags({"device": str(device)})
 
-        def log_samples(m: torch.nn.Module, step: int) -> None:
-            with torch.no_grad():
-                replies = greedy_responses(m, tok, sample_prompts)
-            run.log_text("\n\n".join(f"> {p}\n{r}" for p, r in zip(sample_prompts, replies)),
-                         f"samples/step_{step:06d}.txt")
+        log_samples = sample_logger(run, tok, sample_prompts)
 
         t0 = time.perf_counter()
         result = train(model, stage="grpo", cfg=tcfg, model_config=mcfg, batch_fn=schedule.batch,

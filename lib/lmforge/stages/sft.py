@@ -39,6 +39,16 @@ def greedy_responses(model: Transformer, tok: LMTokenizer, prompts: list[str],
     return [tok.decode([t for t in toks if t != tok.end_id]) for toks in out.tokens]
 
 
+def sample_logger(run, tok: LMTokenizer, prompts: list[str]):
+    """An ``on_eval`` hook for the training loop: log the model's greedy answers to ``prompts`` to MLflow."""
+    def log_samples(model: torch.nn.Module, step: int) -> None:
+        with torch.no_grad():
+            replies = greedy_responses(model, tok, prompts)
+        run.log_text("\n\n".join(f"> {p}\n{r}" for p, r in zip(prompts, replies)), f"samples/step_{step:06d}.txt")
+
+    return log_samples
+
+
 def fitting(records: list[dict], tok: LMTokenizer, max_seq_len: int) -> list[dict]:
     """Task records whose prompt leaves the context room for at least one answer token."""
     return [r for r in records if len(tok.prompt_ids(r["messages"][0]["content"])) < max_seq_len]
@@ -94,11 +104,7 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
     with env.tracker(params, {"model": inputs["model"]}) as run:
         run.set_tags({"device": str(device)})
 
-        def log_samples(m: torch.nn.Module, step: int) -> None:
-            with torch.no_grad():
-                replies = greedy_responses(m, tok, sample_prompts)
-            run.log_text("\n\n".join(f"> {p}\n{r}" for p, r in zip(sample_prompts, replies)),
-                         f"samples/step_{step:06d}.txt")
+        log_samples = sample_logger(run, tok, sample_prompts)
 
         t0 = time.perf_counter()
         result = train(model, stage="sft", cfg=tcfg, model_config=mcfg, batch_fn=train_batches.batch,
