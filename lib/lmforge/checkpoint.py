@@ -94,14 +94,20 @@ def read_checkpoint(path: str | Path) -> dict:
 
 def load_model(path: str | Path, *, kind: str = "causal_lm", device: str | torch.device = "cpu"):
     """Rebuild the model a checkpoint holds. Returns (model, tokenizer, checkpoint dict)."""
+    ckpt = read_checkpoint(path)
+    model, tok = build_model(ckpt, path, kind=kind, device=device)
+    return model, tok, ckpt
+
+
+def build_model(ckpt: dict, path: str | Path, *, kind: str = "causal_lm", device: str | torch.device = "cpu"):
+    """(model, tokenizer) from a checkpoint already read with ``read_checkpoint(path)``."""
     from lmforge.model import ModelConfig, RewardModel, Transformer
     from lmforge.tokenizer import LMTokenizer
 
-    ckpt = read_checkpoint(path)
     if ckpt["kind"] != kind:
         want = "a causal language model" if kind == "causal_lm" else "a reward model"
         raise LmforgeError(f"{path}: is a {ckpt['kind']} checkpoint, but {want} is needed here")
     cfg = ModelConfig.from_dict(ckpt["model_config"]).validate()
     model = Transformer(cfg) if kind == "causal_lm" else RewardModel(Transformer(cfg))
     model.load_state_dict(ckpt["state_dict"])
-    return model.to(device), LMTokenizer.from_str(ckpt["tokenizer"]), ckpt
+    return model.to(device), LMTokenizer.from_str(ckpt["tokenizer"])

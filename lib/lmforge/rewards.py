@@ -148,10 +148,11 @@ def _prompt_text(prompt) -> str:
 
 
 def _load_reward_model(path: str | Path, tokenizer, device: torch.device):
-    from lmforge.checkpoint import load_model, read_checkpoint
+    from lmforge.checkpoint import build_model, read_checkpoint
 
-    check_same_tokenizer(path, read_checkpoint(path), tokenizer, "the reward model")
-    model, _, _ = load_model(path, kind="reward_model", device=device)
+    ckpt = read_checkpoint(path)  # read once: checked, then built
+    check_same_tokenizer(path, ckpt, tokenizer, "the reward model")
+    model, _ = build_model(ckpt, path, kind="reward_model", device=device)
     return model.eval().requires_grad_(False)
 
 

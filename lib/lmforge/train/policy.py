@@ -82,9 +82,10 @@ def load_reference(path, tokenizer, *, device, key: str):
 
     Its tokenizer must be the policy's: log-probs of other ids mean nothing.
     """
-    from lmforge.checkpoint import load_model, read_checkpoint
+    from lmforge.checkpoint import build_model, read_checkpoint
     from lmforge.rewards import check_same_tokenizer
 
-    check_same_tokenizer(path, read_checkpoint(path), tokenizer, f"the reference model ({key})")
-    model, _, _ = load_model(path, device=device)
+    ckpt = read_checkpoint(path)  # read once: checked, then built
+    check_same_tokenizer(path, ckpt, tokenizer, f"the reference model ({key})")
+    model, _ = build_model(ckpt, path, device=device)
     return model.eval().requires_grad_(False)
