@@ -293,3 +293,12 @@ def test_verifiable_reward_on_prompts_without_answers_fails_before_training(tmp_
                                            r"prompts.jsonl line 1"):
         stage_run(tmp_path, policy, inputs={"data": str(data)}, data=str(data))
     assert not (tmp_path / "grpo" / "model.pt").exists()
+
+
+def test_reference_with_a_wider_vocabulary_is_refused(tmp_path, tok, policy):
+    cfg = ModelConfig(**{**tiny_model(tok).cfg.to_dict(), "vocab_size": tok.vocab_size + 8})
+    wide = tmp_path / "wide.pt"
+    save_model(wide, Transformer(cfg), kind="causal_lm", model_config=cfg.to_dict(), tokenizer=tok, meta={})
+    with pytest.raises(LmforgeError, match=rf"^config key 'grpo.reference': {wide} has tokenizer .* and vocab_size "
+                                           rf"{tok.vocab_size + 8}, but the policy .* vocab_size {tok.vocab_size}"):
+        stage_run(tmp_path, policy, {"reference": str(wide)})

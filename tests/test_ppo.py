@@ -276,8 +276,8 @@ def test_reward_model_as_policy_is_refused(tmp_path, ckpts):
 
 def test_reference_with_another_tokenizer_is_refused(tmp_path, ckpts):
     params = stage_params(reference=ckpts["other"])
-    with pytest.raises(LmforgeError, match=r"reference model \(ppo.reference\) .*other.pt was trained with a "
-                                           r"different tokenizer"):
+    with pytest.raises(LmforgeError, match=r"^config key 'ppo.reference': .*other.pt has tokenizer .*the reference must "
+                                           r"share the policy's tokenizer and vocabulary"):
         run_stage(tmp_path, params, {"policy": ckpts["policy"], "reward_model": ckpts["reward_model"],
                                      "reference": ckpts["other"]})
 

@@ -25,22 +25,7 @@ from lmforge.stages.sft import N_SAMPLES, greedy_responses, sample_logger
 from lmforge.train.dpo import (DPOBatches, check_section, dpo_loss, dpo_stats, encode_dpo_pairs, evaluate_dpo,
                                minibatch_config, reference_logprobs, resolve_beta)
 from lmforge.train.loop import final_weights, train
-
-
-def load_reference(path: str, policy_path: str, policy_ckpt: dict, device):
-    """The frozen reference model: eval mode, no gradients, sharing the policy's tokenizer and vocabulary."""
-    try:
-        ref, _, ckpt = load_model(path, device=device)
-    except LmforgeError as e:
-        raise LmforgeError(f"config key 'dpo.reference': {e}") from None
-    theirs = (ckpt["tokenizer_sha256"], ckpt["model_config"]["vocab_size"])
-    ours = (policy_ckpt["tokenizer_sha256"], policy_ckpt["model_config"]["vocab_size"])
-    if theirs != ours:
-        raise LmforgeError(
-            f"config key 'dpo.reference': {path} has tokenizer {theirs[0][:12]} and vocab_size {theirs[1]}, "
-            f"but the policy {policy_path} has tokenizer {ours[0][:12]} and vocab_size {ours[1]}; "
-            f"the reference must share the policy's tokenizer and vocabulary")
-    return ref.eval().requires_grad_(False)
+from lmforge.train.policy import load_reference
 
 
 def train_pairs(section: dict, inputs: dict, task_data: dict, tok, seq: int) -> tuple[list[dict], int, object]:
@@ -67,7 +52,7 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
     policy, tok, ckpt = load_model(inputs["policy"], device=device)
     mcfg = ckpt["model_config"]
     reference = inputs.get("reference")
-    ref_model = load_reference(reference, inputs["policy"], ckpt, device) if reference else None
+    ref_model = load_reference(reference, inputs["policy"], ckpt, device=device, key="dpo.reference") if reference else None
     seq = mcfg["max_seq_len"] if ref_model is None else min(mcfg["max_seq_len"], ref_model.cfg.max_seq_len)
 
     task_data = make_task_data(params["data"]["builtin"], params["seed"])

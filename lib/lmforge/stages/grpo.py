@@ -84,7 +84,7 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
 
     # ---- frozen models: only those the config asks for -----------------------------
     reference_path = (inputs.get("reference") or section["reference"] or inputs["policy"]) if cfg.beta > 0 else None
-    reference = load_reference(reference_path, tok, device=device, key="grpo.reference") if reference_path else None
+    reference = load_reference(reference_path, inputs["policy"], ckpt, device=device, key="grpo.reference") if reference_path else None
     reward_fn = RewardFunction(spec, policy_tokenizer=tok, reward_model_path=inputs.get("reward_model"),
                                device=device, key="grpo.reward_fn")
     print(f"grpo: {len(prompts)} prompts from {source} ({len(records) - len(prompts)} too long), "

@@ -131,7 +131,7 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
     sample_records = val_records[:N_SAMPLES]
 
     reference_path = inputs.get("reference") or inputs["policy"]
-    reference = load_reference(reference_path, tok, device=device, key="ppo.reference")
+    reference = load_reference(reference_path, inputs["policy"], ckpt, device=device, key="ppo.reference")
     reward_fn = RewardFunction(spec, policy_tokenizer=tok, reward_model_path=inputs.get("reward_model"),
                                device=device, key="ppo.reward_fn")
     batch_size = section["batch_size"]

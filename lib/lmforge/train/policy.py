@@ -13,6 +13,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from lmforge.errors import LmforgeError
+
 
 @dataclass
 class CompletionBatch:
@@ -77,15 +79,24 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def load_reference(path, tokenizer, *, device, key: str):
-    """A frozen copy of a causal LM to measure KL against: eval mode, no grads, loaded once.
+def load_reference(path, policy_path, policy_ckpt: dict, *, device, key: str):
+    """A frozen causal LM to measure log-probs against: eval mode, no grads, loaded once.
 
-    Its tokenizer must be the policy's: log-probs of other ids mean nothing.
+    It must share the policy's tokenizer and vocabulary exactly: log-probs over other
+    ids, or over a wider softmax, are not comparable with the policy's.
     """
     from lmforge.checkpoint import build_model, read_checkpoint
-    from lmforge.rewards import check_same_tokenizer
 
-    ckpt = read_checkpoint(path)  # read once: checked, then built
-    check_same_tokenizer(path, ckpt, tokenizer, f"the reference model ({key})")
-    model, _ = build_model(ckpt, path, device=device)
+    try:
+        ckpt = read_checkpoint(path)  # read once: checked, then built
+        theirs = (ckpt["tokenizer_sha256"], ckpt["model_config"]["vocab_size"])
+        ours = (policy_ckpt["tokenizer_sha256"], policy_ckpt["model_config"]["vocab_size"])
+        if theirs != ours:
+            raise LmforgeError(
+                f"{path} has tokenizer {theirs[0][:12]} and vocab_size {theirs[1]}, but the policy {policy_path} "
+                f"has tokenizer {ours[0][:12]} and vocab_size {ours[1]}; the reference must share the policy's "
+                f"tokenizer and vocabulary")
+        model, _ = build_model(ckpt, path, device=device)
+    except LmforgeError as e:
+        raise LmforgeError(f"config key '{key}': {e}") from None
     return model.eval().requires_grad_(False)
