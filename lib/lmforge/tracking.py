@@ -9,6 +9,7 @@ else ``sqlite:///<abs>/results/mlflow.db``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -21,6 +22,10 @@ from typing import Any, Mapping
 from lmforge.checkpoint import file_sha256
 
 MAX_PARAM_LEN = 6000
+# MLflow's HTTP client retries a dead server for minutes by default (7 retries, backoff 2);
+# a stage should warn and go on within seconds. A user's own settings win.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 
 
 def tracking_uri(configured: str | None = None, results_dir: str | Path = "results") -> str:
@@ -29,6 +34,33 @@ def tracking_uri(configured: str | None = None, results_dir: str | Path = "resul
     if configured:
         return configured
     return f"sqlite:///{Path(results_dir).resolve() / 'mlflow.db'}"
+
+
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """Raise OSError unless the MLflow server at an http(s) uri answers its health check."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as r:
+        if r.status != 200:
+            raise OSError(f"{uri}/health answered {r.status}")
+
+
+@contextlib.contextmanager
+def store_lock(uri: str):
+    """Serialize stages that open the same sqlite store: two creating its schema at once fail."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{db}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def artifact_location(uri: str) -> str | None:
@@ -128,10 +160,13 @@ class StageRun:
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
-        self.client = MlflowClient(tracking_uri=self.uri)
-        exp = self.client.get_experiment_by_name(self.experiment)
-        exp_id = (exp.experiment_id if exp else
-                  self.client.create_experiment(self.experiment, artifact_location=artifact_location(self.uri)))
+        if self.uri.startswith(("http://", "https://")):
+            for k, v in HTTP_DEFAULTS.items():
+                os.environ.setdefault(k, v)
+            check_server(self.uri)
+        with store_lock(self.uri):  # the first touch of a new sqlite file creates its tables
+            self.client = MlflowClient(tracking_uri=self.uri)
+            exp_id = self._experiment_id()
         tags = dict(self.tags)
         for name, info in self.lineage.items():
             tags[f"lineage.{name}.sha256"] = str(info["sha256"])
@@ -147,6 +182,18 @@ class StageRun:
             self.client.log_batch(self.run_id, params=items[i:i + 100])
         self.client.log_dict(self.run_id, self.lineage, "lineage.json")
         self.client.set_tag(self.run_id, "lmforge.status", "running")
+
+    def _experiment_id(self) -> str:
+        exp = self.client.get_experiment_by_name(self.experiment)
+        if exp:
+            return exp.experiment_id
+        try:
+            return self.client.create_experiment(self.experiment, artifact_location=artifact_location(self.uri))
+        except Exception:  # noqa: BLE001 — a stage running beside this one created it first
+            exp = self.client.get_experiment_by_name(self.experiment)
+            if exp is None:
+                raise
+            return exp.experiment_id
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         as_text = {k: str(v) for k, v in tags.items()}
