@@ -35,10 +35,11 @@ def test_each_sft_shape_becomes_its_conversation(record, expected):
 
 def test_unknown_sft_shape_names_location_keys_and_formats():
     with pytest.raises(LmforgeError) as e:
-        to_messages({"question": "q", "answer": "a"}, where=W)
+        to_messages({"query": "q", "reply": "a"}, where=W)
     msg = str(e.value)
-    assert msg.startswith(f"{W}: unknown SFT record shape, keys seen: ['answer', 'question']")
-    for fmt in ("messages", "alpaca", "instruction/response", "prompt/completion", "text"):
+    assert msg.startswith(f"{W}: unknown SFT record shape, keys seen: ['query', 'reply']")
+    for fmt in ("messages", "sharegpt", "alpaca", "instruction/response", "prompt/completion", "gsm8k", "math",
+                "process", "oasst", "text"):
         assert fmt in msg
 
 
@@ -46,11 +47,12 @@ def test_unknown_sft_shape_names_location_keys_and_formats():
     ({"messages": [user("hi")]}, "no assistant turn"),
     ({"messages": [{"role": "system", "content": "x"}, user("hi")]}, "no assistant turn"),
     ({"messages": []}, "non-empty list of messages"),
-    ({"messages": [user("hi"), {"role": "bot", "content": "x"}]}, "messages[1] has role 'bot'"),
-    ({"messages": [user("hi"), {"role": "assistant"}]}, "messages[1] has no text 'content'"),
+    ({"messages": [user("hi"), {"role": "bot", "content": "x"}]}, "field 'messages[1].role' is 'bot'"),
+    ({"messages": [user("hi"), {"role": "assistant"}]}, "field 'messages[1].content' must be a string"),
     ({"instruction": "x", "output": 5}, "field 'output' must be a string"),
     ({"prompt": "  ", "completion": "y"}, "field 'prompt' is empty"),
-    ({"conversations": [{"from": "robot", "value": "x"}]}, "conversations[0] has 'from' 'robot'"),
+    ({"conversations": [{"from": "robot", "value": "x"}]}, "field 'conversations[0].from' is 'robot'"),
+    ({"conversations": [{"from": "human", "value": None}]}, "field 'conversations[0].value' must be a string"),
 ])
 def test_bad_sft_records_name_location_and_problem(record, fragment):
     with pytest.raises(LmforgeError) as e:
@@ -75,11 +77,19 @@ def test_ranking_expands_to_every_ordered_pair_better_rank_chosen():
     assert len(pairs) == 6 and all(p["prompt"] == [user("q")] and p["where"] == W for p in pairs)
 
 
+def test_scores_rank_higher_first():
+    record = {"prompt": "q", "responses": ["b", "a", "c"], "scores": [2.0, 9, -1]}
+    got = [(p["chosen"], p["rejected"]) for p in to_preference(record, where=W)]
+    assert got == [("a", "b"), ("b", "c"), ("a", "c")]
+
+
 @pytest.mark.parametrize("record, fragment", [
     ({"prompt": "q", "responses": ["a", "b", "c"], "ranks": [1, 2, 1]},
      "responses 0 and 2 tie at rank 1"),
     ({"prompt": "q", "responses": ["a", "b"], "ranks": [1]}, "2 responses but 1 ranks"),
-    ({"prompt": "q", "responses": ["a", "b"], "ranks": [1, "x"]}, "ranks[1] must be a number"),
+    ({"prompt": "q", "responses": ["a", "b"], "ranks": [1, "x"]}, "field 'ranks[1]' must be a number"),
+    ({"prompt": "q", "responses": ["a", "b"], "scores": [0.5, 0.5]}, "responses 0 and 1 tie at score 0.5"),
+    ({"prompt": "q", "responses": ["a", "b"], "ranks": [1, 2], "scores": [1, 2]}, "either 'ranks'"),
     ({"prompt": "q", "responses": ["a"], "ranks": [1]}, "at least 2 responses"),
     ({"prompt": "q", "responses": ["a", "b"]}, "ranking record is missing key(s) 'ranks'"),
     ({"prompt": "q", "chosen": "same", "rejected": "same"}, "chosen and rejected responses are identical"),
@@ -103,7 +113,7 @@ def test_missing_keys_message_lists_needed_and_seen_keys():
 
 def test_unknown_preference_shape_lists_formats():
     with pytest.raises(LmforgeError, match=r"unknown preference record shape, keys seen: \['text'\]; "
-                                           r"supported formats: pair: .*ranking:"):
+                                           r"supported formats: .*ranking: .*hh_rlhf: .*pair: "):
         to_preference({"text": "x"}, where=W)
 
 

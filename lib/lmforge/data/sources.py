@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmforge.data.records import iter_jsonl, read_records, record_error
+from lmforge.data.records import RECORD_SUFFIXES, iter_jsonl, location, read_records, record_error
 from lmforge.errors import LmforgeError
 
 if TYPE_CHECKING:  # datasets takes ~1 s to import; only the loading functions need it
@@ -473,3 +473,130 @@ def load_corpus(data: dict, *, seed: int) -> tuple[list[str], list[SourceSpec]]:
     """The pretraining documents the ``data`` config section names, and the parsed specs."""
     specs = parse_sources(data["sources"])
     return load_texts(specs, seed=seed, max_docs=data.get("max_docs")), specs
+
+
+# ----------------------------------------------------------------------------
+# Stage record data: sft.data, reward.data, dpo.data, score.data, ppo.data, grpo.data
+#
+# A stage's records come from a local record file or a Hub dataset, written
+# as a path, a Hub id, or a mapping with the split, subset and record format:
+#
+#     sft:
+#       data: data/chat.jsonl
+#     dpo:
+#       data: {source: HuggingFaceH4/ultrafeedback_binarized, split: train_prefs}
+#     grpo:
+#       data: {source: openai/gsm8k, subset: main, split: train, format: gsm8k}
+#
+# Hub datasets are downloaded once into the `datasets` cache and memory-mapped;
+# with ``max_records`` only that many rows are streamed instead. Records are
+# numbered from 1 in messages: "openai/gsm8k (main, train) record 12".
+
+DATA_SPEC_KEYS = ("source", "subset", "split", "revision", "format", "max_records")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where one stage's records come from, as parsed from ``<stage>.data``."""
+
+    source: str
+    """A local record file (.jsonl, .json, .parquet, .csv) or a Hub dataset id."""
+    subset: str | None = None
+    """Hub dataset configuration (``main`` for openai/gsm8k); Hub datasets only."""
+    split: str = "train"
+    """Hub split (``train_prefs`` for ultrafeedback_binarized); Hub datasets only."""
+    revision: str | None = None
+    """Hub git revision (branch, tag or commit) that pins the data; Hub datasets only."""
+    format: str = "auto"
+    """Record format name (lmforge.data.formats); ``auto`` detects it per record from the keys."""
+    max_records: int | None = None
+    """Read only the first this many records."""
+    key: str = field(default="sft.data", compare=False)
+    """Config key the spec came from, used to prefix error messages."""
+
+    @property
+    def is_file(self) -> bool:
+        return _local_path(self.source) is not None
+
+    @property
+    def label(self) -> str:
+        """How messages name the data: the path, or ``"name (subset, split)"``."""
+        if self.is_file:
+            return self.source
+        return f"{self.source} ({', '.join(p for p in (self.subset, self.split) if p)})"
+
+
+def parse_data_spec(value: Any, key: str) -> DataSpec:
+    """``<stage>.data`` (a path, a Hub id, or a mapping of DATA_SPEC_KEYS) as a checked :class:`DataSpec`."""
+    if isinstance(value, Path):
+        value = str(value)
+    if isinstance(value, str):
+        spec = DataSpec(source=value.strip(), key=key)
+    elif isinstance(value, dict):
+        unknown = sorted(set(value) - set(DATA_SPEC_KEYS), key=str)
+        if unknown:
+            raise LmforgeError(f"{key}: unknown keys {unknown}; allowed: {list(DATA_SPEC_KEYS)}")
+        if "source" not in value:
+            raise LmforgeError(f"{key}: missing 'source' (a local record file or a Hub dataset id)")
+        for name, types in (("source", str), ("subset", (str, type(None))), ("split", str),
+                            ("revision", (str, type(None))), ("format", str), ("max_records", (int, type(None)))):
+            _expect(value, name, types, key)
+        spec = DataSpec(**{**value, "source": value["source"].strip()}, key=key)
+    else:
+        raise LmforgeError(f"{key}: expected a file path, a Hub dataset id or a mapping, got {type(value).__name__}")
+    if not spec.source:
+        raise LmforgeError(f"{key}.source: must not be empty")
+    if spec.max_records is not None and spec.max_records < 1:
+        raise LmforgeError(f"{key}.max_records: must be at least 1, got {spec.max_records}")
+    if spec.is_file and (spec.subset is not None or spec.revision is not None):
+        raise LmforgeError(f"{key}: subset and revision apply only to Hub datasets, "
+                           f"not to the local file {spec.source}")
+    return spec
+
+
+def read_data(spec: DataSpec) -> list[tuple[str, dict]]:
+    """Every record of a stage's data as ``(where, record)``; ``where`` locates it in messages.
+
+    Local files give ``"data/x.jsonl line 7"`` (``"x.parquet record 7"``), Hub
+    datasets ``"openai/gsm8k (main, train) record 7"``, both numbered from 1.
+    """
+    if spec.is_file:
+        records = read_records(spec.source, key=spec.key)[: spec.max_records]
+        return [(location(spec.source, number), record) for number, record in records]
+    import datasets
+
+    streaming = spec.max_records is not None  # read only what is asked for; else download once into the cache
+    try:
+        rows = datasets.load_dataset(spec.source, spec.subset, split=spec.split, revision=spec.revision,
+                                     streaming=streaming)
+        if streaming:
+            rows = rows.take(spec.max_records)
+        return [(f"{spec.label} record {i}", dict(row)) for i, row in enumerate(rows, start=1)]
+    except Exception as err:  # not found, no network, bad subset or split …
+        raise LmforgeError(
+            f"{spec.key}: could not load {spec.label} from the Hugging Face Hub: {type(err).__name__}: {err} "
+            f"(a local file needs one of the suffixes {', '.join(RECORD_SUFFIXES)})") from None
+
+
+def data_file(value: Any, key: str = "data") -> str | None:
+    """The local file a stage's ``data`` value names (a Snakemake input), or None for a Hub dataset or null."""
+    if value is None:
+        return None
+    spec = parse_data_spec(value, key)
+    return spec.source if spec.is_file else None
+
+
+def data_fingerprint(value: Any, key: str = "data") -> str | dict:
+    """What identifies a stage's data for resuming: the file's sha256 (just that, for a plain path),
+    else the sha256 plus the reading options, or the Hub spec (pin ``revision`` to make it exact)."""
+    spec = parse_data_spec(value, key)
+    options = {k: getattr(spec, k) for k in DATA_SPEC_KEYS if k != "source" and getattr(spec, k) != _DEFAULTS[k]}
+    if not spec.is_file:
+        return {"source": spec.source, **options}
+    from lmforge.checkpoint import file_sha256
+
+    digest = file_sha256(spec.source)
+    return {"sha256": digest, **options} if options else digest
+
+
+_DEFAULTS = {f: DataSpec.__dataclass_fields__[f].default for f in DATA_SPEC_KEYS if f != "source"}
