@@ -1,4 +1,4 @@
-# lmforge: tokenizer -> tokenize -> pretrain (-> sft -> reward -> dpo/ppo/grpo -> evaluate)
+# lmforge: tokenizer -> tokenize -> pretrain (-> sft -> reward -> dpo/ppo/grpo/star -> evaluate)
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -10,14 +10,18 @@ configfile: "config/config.yaml"
 validate(config, "workflow/schemas/config.schema.yaml")
 
 
-include: "workflow/rules/common.smk"
-include: "workflow/rules/data.smk"
-include: "workflow/rules/pretrain.smk"
-include: "workflow/rules/sft.smk"
-include: "workflow/rules/reward.smk"
-include: "workflow/rules/score.smk"
-include: "workflow/rules/align.smk"
-include: "workflow/rules/evaluate.smk"
+include: "workflow/pipeline.smk"
+
+
+# `seeds: [1, 2, 3]`: the same pipeline once per seed, under results/seeds/<seed>/results/ (each one a
+# Snakemake module with the seed set in its config), and results/seeds/summary.csv: mean and std of
+# every evaluation metric per stage across the seeds. workflow.module/userule are what the `module`
+# and `use rule` keywords compile to; the keywords cannot take a name made in a loop.
+for _seed in config["seeds"]:
+    workflow.module(snakefile="workflow/pipeline.smk", config={**config, "seed": _seed, "seeds": []},
+                    prefix=f"results/seeds/{_seed}", name=f"seed{_seed}")
+    workflow.userule(rules=["*"], from_module=f"seed{_seed}", exclude_rules=[],
+                     name_modifier=f"seed{_seed}_*", lineno=1)(lambda: None)
 
 
 rule all:
@@ -29,4 +33,24 @@ rule all:
         "results/dpo/model.pt",
         "results/ppo/model.pt",
         "results/grpo/model.pt",
+        "results/star/model.pt",
         "results/eval/report.md",
+
+
+rule seeds_summary:
+    input:
+        expand("results/seeds/{seed}/results/eval/metrics.csv", seed=config["seeds"]),
+    output:
+        csv="results/seeds/summary.csv",
+        md="results/seeds/summary.md",
+    params:
+        seeds=config["seeds"],
+    threads: threads_for("seeds_summary")
+    resources:
+        **resources_for("seeds_summary"),
+    log:
+        "results/logs/seeds_summary.log",
+    conda:
+        "workflow/envs/lmforge.yaml"
+    script:
+        "workflow/scripts/seeds.py"

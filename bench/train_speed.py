@@ -1,12 +1,19 @@
 """Training tokens/s: lmforge's Transformer vs transformers' LlamaForCausalLM, same config, same process.
 
-    .venv/bin/python bench/train_speed.py [--steps 12] [--threads 2]
+    .venv/bin/python bench/train_speed.py [--steps 12] [--threads 2] [--ablate] [--compile]
 
 Config (the reference peer setup): vocab 8192, d 256, 4 layers, 8 heads / 2 kv
-heads, ffn 688, tied embeddings, batch 8 x 256, AdamW, fp32. The two models
-take turns step by step so machine noise hits both alike; we report the median
-step after warm-up, and MFU = 6 * N * tokens/s over this machine's fp32 matmul
-peak, measured in the same run.
+heads, ffn 688, tied embeddings, batch 8 x 256, AdamW, fp32. A step is forward,
+loss, backward, AdamW step, zero_grad(set_to_none). Ours is the library's own
+step: ``lm_loss`` (fused linear cross-entropy) and ``build_optimizer("adamw")``
+(fused AdamW). Theirs is logits -> F.cross_entropy -> fused AdamW (cheaper than
+transformers' own ``labels=`` path, which also copies shifted fp32 logits).
+The contestants take turns step by step so machine noise hits all alike; we
+report the median step after warm-up, and MFU = 6 * N * tokens/s over this
+machine's fp32 matmul peak, measured in the same run.
+
+--ablate adds "lmforge, unfused loss" (logits -> F.cross_entropy, as theirs);
+--compile adds "lmforge, compiled" (torch.compile of the model; compile time reported).
 """
 from __future__ import annotations
 
@@ -19,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.model import ModelConfig, Transformer
+from lmforge.train.lm import lm_loss
+from lmforge.train.optim import build_optimizer
 
 CFG = dict(vocab_size=8192, d_model=256, n_layers=4, n_heads=8, n_kv_heads=2, d_ff=688, max_seq_len=256,
            attention_type="gqa", tie_embeddings=True)
@@ -26,6 +35,7 @@ BATCH, SEQ = 8, 256
 
 
 def matmul_peak(n: int = 1024, reps: int = 20) -> float:
+    """Best fp32 FLOP/s of an n x n matmul on the current thread setting."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     for _ in range(3):
         a @ b
@@ -43,25 +53,59 @@ def hf_model(cfg: ModelConfig):
     hf_cfg = transformers.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ff_dim,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,
-        max_position_embeddings=cfg.max_seq_len, tie_word_embeddings=True, attention_bias=False)
+        max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=True,
+        attention_bias=False, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
     hf_cfg._attn_implementation = "sdpa"
     return transformers.LlamaForCausalLM(hf_cfg)
 
 
-def step_fn(model, logits_of):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+def logits_loss(logits_of):
+    def loss_of(model, x, y):
+        logits = logits_of(model, x)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
+    return loss_of
+
+
+def step_fn(model, loss_of, optimizer):
     g = torch.Generator().manual_seed(0)
 
     def step() -> float:
         x = torch.randint(0, CFG["vocab_size"], (BATCH, SEQ + 1), generator=g)
         t = time.perf_counter()
-        logits = logits_of(model, x[:, :-1])
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), x[:, 1:].reshape(-1))
+        loss = loss_of(model, x[:, :-1], x[:, 1:])
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - t
     return step
+
+
+def contestants(cfg: ModelConfig, ablate: bool, compile_: bool) -> dict:
+    """name -> (model, loss_of(model, x, y), optimizer); every lmforge model starts from the same weights."""
+    torch.manual_seed(0)
+    ours = Transformer(cfg)
+
+    def ours_copy():
+        m = Transformer(cfg)
+        m.load_state_dict(ours.state_dict())
+        return m
+
+    def adamw(model):
+        return build_optimizer(model, name="adamw", lr=1e-4)
+
+    def hf_adamw(model):  # the same settings as ours: fused AdamW, no weight decay
+        return torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
+
+    out = {"lmforge": (ours, lambda m, x, y: lm_loss(m, (x, y))[0], adamw(ours))}
+    peer = hf_model(cfg)
+    out["transformers"] = (peer, logits_loss(lambda m, x: m(input_ids=x).logits), hf_adamw(peer))
+    if ablate:
+        m = ours_copy()
+        out["lmforge, unfused loss"] = (m, logits_loss(lambda m, x: m(x)), adamw(m))
+    if compile_:
+        m = ours_copy()
+        out["lmforge, compiled"] = (torch.compile(m), lambda m, x, y: lm_loss(m, (x, y))[0], adamw(m))
+    return out
 
 
 def main() -> None:
@@ -69,20 +113,22 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ablate", action="store_true", help="also time lmforge with the unfused loss")
+    ap.add_argument("--compile", action="store_true", help="also time lmforge under torch.compile")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     cfg = ModelConfig.from_dict(CFG)
-    ours = Transformer(cfg)
-    peer = hf_model(cfg)
-    n_params = sum(p.numel() for p in ours.parameters())
-    steps = {"lmforge": step_fn(ours, lambda m, x: m(x)),
-             "transformers": step_fn(peer, lambda m, x: m(input_ids=x).logits)}
+    runs = contestants(cfg, args.ablate, args.compile)
+    n_params = runs["lmforge"][0].num_params()
+    steps = {name: step_fn(*run) for name, run in runs.items()}
     times = {k: [] for k in steps}
+    first = {}
     for i in range(args.warmup + args.steps):
         for name, fn in steps.items():
             dt = fn()
+            if i == 0:
+                first[name] = dt  # includes compilation for a compiled model
             if i >= args.warmup:
                 times[name].append(dt)
     peak = matmul_peak()
@@ -91,12 +137,17 @@ def main() -> None:
            "matmul_peak_gflops": peak / 1e9, "steps_timed": args.steps}
     for name, ts in times.items():
         tps = tokens / statistics.median(ts)
-        out[name] = {"tokens_per_s": tps, "mfu": 6 * n_params * tps / peak}
-    out["speedup"] = out["lmforge"]["tokens_per_s"] / out["transformers"]["tokens_per_s"]
+        out[name] = {"tokens_per_s": tps, "mfu": 6 * n_params * tps / peak, "step_s": statistics.median(ts),
+                     "first_step_s": first[name]}
+    base = out["transformers"]["tokens_per_s"]
     print(f"params {n_params:,}  fp32 matmul peak {peak / 1e9:.0f} GFLOP/s  ({args.threads} threads)")
     for name in steps:
-        print(f"{name:>13}: {out[name]['tokens_per_s']:8.0f} tokens/s  MFU {out[name]['mfu']:.1%}")
-    print(f"      speedup: {out['speedup']:.2f}x")
+        r = out[name]
+        r["vs_transformers"] = r["tokens_per_s"] / base
+        extra = f"  (first step {r['first_step_s']:.1f}s)" if "compiled" in name else ""
+        print(f"{name:>22}: {r['tokens_per_s']:8.0f} tokens/s  MFU {r['mfu']:.1%}  "
+              f"{r['vs_transformers']:.2f}x transformers{extra}")
+    out["speedup"] = out["lmforge"]["vs_transformers"]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

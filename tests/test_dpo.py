@@ -270,7 +270,7 @@ def test_stage_config_errors_come_before_any_work(tmp_path, tok):
         run_stage(tmp_path, {"policy": "missing.pt"}, beta=0.2, clip_range=0.3)
 
 
-@pytest.mark.parametrize("source", ["data", "on_policy"])
+@pytest.mark.parametrize("source", ["data", "on_policy", "mixed"])
 def test_stage_trains_on_a_pair_file_or_on_policy_pairs(tmp_path, tok, source):
     sft = save_lm(tmp_path / "sft.pt", tiny_model(tok, seed=4), tok)
     path = tmp_path / "pairs.jsonl"
@@ -280,4 +280,17 @@ def test_stage_trains_on_a_pair_file_or_on_policy_pairs(tmp_path, tok, source):
         metrics, _ = run_stage(tmp_path, {"policy": sft, "data": str(path)}, data=str(path))
     else:
         metrics, _ = run_stage(tmp_path, {"policy": sft, "pairs": str(path)}, on_policy=True)
-    assert metrics["n_train"] == 5 and metrics["n_val"] >= 1 and metrics["steps"] == 3
+    if source == "mixed":  # the 5 file pairs are static; the same 5 on-policy: share 0.5 -> repeated once
+        metrics, _ = run_stage(tmp_path, {"policy": sft, "data": str(path), "pairs": str(path)}, data=str(path),
+                               on_policy="mixed", on_policy_share=0.5)
+        assert metrics["n_train"] == 10
+    else:
+        assert metrics["n_train"] == 5
+    assert metrics["n_val"] >= 1 and metrics["steps"] == 3
+
+
+def test_mixed_pairs_repeat_the_on_policy_ones_to_their_share():
+    static, on_policy = [{"s": i} for i in range(300)], [{"o": i} for i in range(20)]
+    mixed = stage.mix(static, on_policy, 0.35)  # 0.35/0.65 * 300/20 = 8.08 -> 8 repeats
+    assert len(mixed) == 300 + 160 and mixed[:300] == static and mixed[300:] == on_policy * 8
+    assert len(stage.mix(static, on_policy, 0.01)) == 320  # never fewer than one copy

@@ -433,34 +433,23 @@ def test_value_model_gives_per_token_values():
 # ----------------------------------------------------------------------------- Hugging Face parity
 
 
-def to_hf_state_dict(model: Transformer) -> dict:
-    """Our names are Llama's minus the ``model.`` prefix of the trunk."""
-    return {(k if k.startswith("lm_head.") else "model." + k): v for k, v in model.state_dict().items()}
-
-
-def hf_common(cfg: ModelConfig) -> dict:
-    return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ff_dim,
-                num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,
-                max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, hidden_act="silu",
-                tie_word_embeddings=cfg.tie_embeddings,
-                rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
-
-
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 @torch.no_grad()
 def test_logits_match_transformers(family):
+    """Against the eager (explicit softmax) attention; the names and config keys are lmforge.hf's mapping,
+    which tests/test_hf.py also checks through a saved folder."""
     transformers = pytest.importorskip("transformers")
+    from lmforge.hf import hf_config, to_hf_state_dict
+
     cfg = tiny(vocab_size=97, d_model=64, n_heads=8, n_kv_heads=2, max_seq_len=32, rope_theta=5000.0,
                attention_bias=family == "qwen2")
     ours = build(cfg)
-    if family == "llama":
-        hf_cfg = transformers.LlamaConfig(**hf_common(cfg), attention_bias=False)
-        hf = transformers.LlamaForCausalLM(hf_cfg)
-    else:
-        hf_cfg = transformers.Qwen2Config(**hf_common(cfg), use_sliding_window=False)
-        hf = transformers.Qwen2ForCausalLM(hf_cfg)
+    hf_cfg = transformers.AutoConfig.for_model(**hf_config(cfg))
     hf_cfg._attn_implementation = "eager"
-    hf.load_state_dict(to_hf_state_dict(ours), strict=True)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_cfg)
+    assert hf_cfg.model_type == family
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(ours), strict=False)
+    assert not unexpected and missing == ["lm_head.weight"]  # tied: transformers shares the embedding
     hf.eval()
     ids = torch.randint(0, 97, (2, 32))
     expected = hf(input_ids=ids).logits

@@ -7,6 +7,14 @@ A model file (``results/<stage>/model.pt``) is a dict::
      "tokenizer": "<tokenizer.json text>", "tokenizer_sha256": "...",
      "meta": {"stage": ..., "step": ..., "mlflow_run_id": ...}}
 
+A LoRA stage writes ``"kind": "lora"`` instead: only the adapter tensors, and the
+base checkpoint's path and sha256 (layout in ``lmforge.lora``). ``read_checkpoint``
+and ``load_model`` resolve such a file into the adapted model's checkpoint, so
+every consumer takes either.
+
+A folder holding a Llama/Mistral/Qwen2 ``config.json`` and ``model.safetensors`` (what
+``lmforge export`` writes) reads as the same dict, converted by ``lmforge.hf``.
+
 Every write goes to a temp file in the same folder and is renamed into place,
 so a reader never sees a half-written file under the final name.
 """
@@ -83,12 +91,20 @@ def read_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise LmforgeError(f"checkpoint not found: {path}")
+    if path.is_dir():  # a Hugging Face folder (config.json + model.safetensors), e.g. from `lmforge export`
+        from lmforge.hf import read_folder
+
+        return read_folder(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise LmforgeError(f"{path}: not a readable checkpoint ({e.__class__.__name__}: {e})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != "lmforge":
         raise LmforgeError(f"{path}: not an lmforge checkpoint")
+    if ckpt["kind"] == "lora":  # adapters: read (and check) their base too
+        from lmforge.lora import resolve_adapter
+
+        return resolve_adapter(ckpt, path)
     return ckpt
 
 
@@ -107,6 +123,10 @@ def build_model(ckpt: dict, path: str | Path, *, kind: str = "causal_lm", device
     if ckpt["kind"] != kind:
         want = "a causal language model" if kind == "causal_lm" else "a reward model"
         raise LmforgeError(f"{path}: is a {ckpt['kind']} checkpoint, but {want} is needed here")
+    if "adapter" in ckpt:
+        from lmforge.lora import build_adapted
+
+        return build_adapted(ckpt, path, device=device)
     cfg = ModelConfig.from_dict(ckpt["model_config"]).validate()
     model = Transformer(cfg) if kind == "causal_lm" else RewardModel(Transformer(cfg))
     model.load_state_dict(ckpt["state_dict"])

@@ -3,6 +3,9 @@
     lmforge run pretrain --config config/config.yaml     # one stage, without Snakemake
     lmforge generate results/pretrain/model.pt --prompt "What is 2 + 3?"
     lmforge chat results/pretrain/model.pt
+    lmforge inspect config/config.yaml                   # parameters, memory, FLOPs, expected time
+    lmforge merge results/sft/model.pt sft-merged.pt          # fold LoRA adapters into a full checkpoint
+    lmforge export results/dpo/model.pt hf/dpo                # a folder transformers loads
 """
 from __future__ import annotations
 
@@ -33,14 +36,17 @@ STAGES = {
                "pairs": "results/scored/pairs.jsonl"}),
     **{stage: (("data", stage), {"policy": "results/sft/model.pt"},
                {"model": f"results/{stage}/model.pt", "metrics": f"results/{stage}/metrics.json"})
-       for stage in ("dpo", "ppo", "grpo")},
+       for stage in ("dpo", "ppo", "grpo", "star")},
     "evaluate": (("data", "eval"),
-                 {**{f"model_{s}": f"results/{s}/model.pt" for s in ("pretrain", "sft", "dpo", "ppo", "grpo")},
+                 {**{f"model_{s}": f"results/{s}/model.pt" for s in ("pretrain", "sft", "dpo", "ppo", "grpo", "star")},
                   "reward_model": "results/reward/model.pt", "val": "results/data/pretrain/val.bin",
                   "meta": "results/data/pretrain/meta.json"},
                  {"metrics": "results/eval/metrics.csv", "summary": "results/eval/summary.json",
                   "report": "results/eval/report.md"}),
 }
+
+
+MULTI_PROCESS = ("pretrain", "sft", "dpo")  # the stages whose rules launch torchrun
 
 
 def cmd_run(args) -> None:
@@ -51,14 +57,21 @@ def cmd_run(args) -> None:
 
     config = load_config(args.config)
     sections, inputs, outputs = STAGES[args.stage]
-    if args.stage in ("score", "dpo", "ppo", "grpo"):
+    if args.stage in ("score", "dpo", "ppo", "grpo", "star"):
         inputs = {**inputs, **optional_inputs(config, args.stage)}
     elif args.stage == "evaluate":  # only the stages the config lists
         inputs = {k: v for k, v in inputs.items()
                   if not k.startswith("model_") or k[len("model_"):] in config["eval"]["stages"]}
     params = config_sections(config)(*sections)
+    if args.stage == "tokenizer":  # an imported model brings its own tokenizer (as the rule's params)
+        params["init_from"] = config["model"]["init_from"]
     env = StageEnv.from_config(args.stage, config)
-    importlib.import_module(f"lmforge.stages.{args.stage}").run(params, inputs, outputs, env)
+    if args.stage in MULTI_PROCESS:  # several processes under torchrun when the config asks for them
+        from lmforge.distributed import launch, settings
+
+        launch(args.stage, params, inputs, outputs, env, **settings(config, args.stage))
+    else:
+        importlib.import_module(f"lmforge.stages.{args.stage}").run(params, inputs, outputs, env)
 
 
 def _sampling(args) -> dict:
@@ -80,17 +93,30 @@ def cmd_generate(args) -> None:
         print(f"> {p}\n{tok.decode(ids)}\n")
 
 
+def _chat_prompt(tok, history: list[dict], max_seq_len: int, max_new_tokens: int) -> list[int]:
+    """Prompt ids of the conversation so far, leaving room for a reply.
+
+    The reply gets max_new_tokens but at most half the context; the oldest exchanges are
+    dropped until the rest fits, and a single message too long even then keeps its last tokens.
+    """
+    room = max_seq_len - min(max_new_tokens, max_seq_len // 2)
+    while len(history) > 1 and len(tok.render_prompt(history)) > room:
+        history = history[2:]  # the oldest user turn and its answer
+    return tok.render_prompt(history)[-room:]
+
+
 def cmd_chat(args) -> None:
     import torch
 
     from lmforge.checkpoint import load_model
     from lmforge.generate import stream
 
-    model, tok, _ = load_model(args.checkpoint)
-    gen = torch.Generator().manual_seed(args.seed)
-    history: list[dict] = []
-    print("lmforge chat: Ctrl-D or Ctrl-C to quit", file=sys.stderr)
     try:
+        model, tok, _ = load_model(args.checkpoint)
+        gen = torch.Generator().manual_seed(args.seed)
+        stops = (tok.end_id, tok.eos_id)
+        history: list[dict] = []
+        print("lmforge chat: Ctrl-D or Ctrl-C to quit", file=sys.stderr)
         while True:
             try:
                 line = input("you> ")
@@ -98,18 +124,42 @@ def cmd_chat(args) -> None:
                 print()
                 return
             history.append({"role": "user", "content": line})
-            ids = tok.render_prompt(history)[-(model.cfg.max_seq_len - args.max_new_tokens):]
+            ids = _chat_prompt(tok, history, model.cfg.max_seq_len, args.max_new_tokens)
             print("model> ", end="", flush=True)
-            reply: list[int] = []
-            for t in stream(model, ids, stop_ids=(tok.end_id, tok.eos_id), generator=gen, **_sampling(args)):
-                if t in (tok.end_id, tok.eos_id):
+            reply, shown = [], ""
+            for t in stream(model, ids, stop_ids=stops, generator=gen, **_sampling(args)):
+                if t in stops:
                     break
                 reply.append(t)
-                print(tok.decode([t]), end="", flush=True)
-            print()
-            history.append({"role": "assistant", "content": tok.decode(reply)})
-    except KeyboardInterrupt:
+                text = tok.decode(reply)
+                if not text.endswith("\ufffd"):  # half a UTF-8 character: wait for the rest of it
+                    print(text[len(shown):], end="", flush=True)
+                    shown = text
+            text = tok.decode(reply)
+            print(text[len(shown):])
+            history.append({"role": "assistant", "content": text})
+    except KeyboardInterrupt:  # Ctrl-C while typing, loading or answering: a clean exit
         print()
+
+
+def cmd_export(args) -> None:
+    from lmforge.hf import export
+
+    out = export(args.checkpoint, args.out_dir, dtype=args.dtype)
+    print(f"exported {args.checkpoint} to {out} (transformers: AutoModelForCausalLM.from_pretrained('{out}'))")
+
+
+def cmd_merge(args) -> None:
+    from lmforge.lora import merge_checkpoint
+
+    meta = merge_checkpoint(args.adapter, args.out, base=args.base)
+    print(f"merged {args.adapter} into its base {meta['base']}: {args.out}")
+
+
+def cmd_inspect(args) -> None:
+    from lmforge.estimate import describe
+
+    print(describe(args.path, device=args.device))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,6 +182,21 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
             p.add_argument("--raw", action="store_true", help="continue plain text instead of a chat prompt")
         p.set_defaults(fn=fn)
+    export = sub.add_parser("export", help="write a checkpoint as a Hugging Face transformers folder")
+    export.add_argument("checkpoint")
+    export.add_argument("out_dir")
+    export.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    export.set_defaults(fn=cmd_export)
+    merge = sub.add_parser("merge", help="fold a LoRA adapter checkpoint into a full model checkpoint")
+    merge.add_argument("adapter", help="a LoRA stage's model.pt (kind: lora)")
+    merge.add_argument("out", help="where to write the merged checkpoint")
+    merge.add_argument("--base", help="the base checkpoint, if not at the path the adapters record")
+    merge.set_defaults(fn=cmd_merge)
+    inspect = sub.add_parser("inspect",
+                             help="parameters, memory, FLOPs and training time of a config or checkpoint")
+    inspect.add_argument("path", help="a config (.yaml: its model and pretrain sections) or a model checkpoint")
+    inspect.add_argument("--device", help="time training on this device (default: the config's, else auto)")
+    inspect.set_defaults(fn=cmd_inspect)
     args = parser.parse_args(argv)
     try:
         args.fn(args)

@@ -17,7 +17,7 @@ import yaml
 from lmforge.errors import LmforgeError
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
-TRAIN_SECTIONS = ("pretrain", "sft", "reward", "dpo", "ppo", "grpo")
+TRAIN_SECTIONS = ("pretrain", "sft", "reward", "dpo", "ppo", "grpo", "star")
 REWARD_SECTIONS = ("score", "ppo", "grpo")  # sections with a reward_fn
 
 
@@ -40,6 +40,13 @@ def _key_of(error: jsonschema.ValidationError) -> str:
 
 
 def _message(error: jsonschema.ValidationError) -> str:
+    if error.validator in ("anyOf", "oneOf") and error.context:
+        # "null or an object of ...": the object branch's complaint is the useful one.
+        specific = [e for e in error.context if e.validator != "type"]
+        if not specific:
+            kinds = [e.validator_value for e in error.context]
+            return f"config key '{_key_of(error)}': expected one of {kinds}, got {error.instance!r}"
+        return _message(jsonschema.exceptions.best_match(specific))
     key = _key_of(error)
     if error.validator == "additionalProperties":
         allowed = sorted(error.schema.get("properties", {}))
@@ -75,9 +82,17 @@ def check_config(config: dict) -> dict:
     config = apply_schema(config)
     from lmforge.model import ModelConfig  # local: model imports torch
 
-    ModelConfig.from_dict(config["model"]).validate()
+    init_from = config["model"].get("init_from")
+    ModelConfig.from_dict({k: v for k, v in config["model"].items() if k != "init_from"}).validate()
     tok = config["tokenizer"]
-    if tok["type"] == "bpe" and tok["vocab_size"] > config["model"]["vocab_size"]:
+    if init_from:  # the imported model brings its tokenizer and its shape
+        from lmforge.hf import check_init_from
+
+        if tok["type"] == "pretrained":
+            raise LmforgeError("config keys 'model.init_from' and 'tokenizer.type: pretrained' conflict: "
+                               "an imported model comes with its own tokenizer; remove one of them")
+        check_init_from(init_from)
+    elif tok["type"] == "bpe" and tok["vocab_size"] > config["model"]["vocab_size"]:
         raise LmforgeError(
             f"config key 'tokenizer.vocab_size' ({tok['vocab_size']}) exceeds "
             f"'model.vocab_size' ({config['model']['vocab_size']})")
@@ -176,7 +191,7 @@ class TrainConfig:
     def from_dict(cls, section: dict[str, Any], key: str) -> "TrainConfig":
         names = {f.name for f in fields(cls)}
         cfg = cls(**{k: v for k, v in section.items() if k in names})
-        if cfg.warmup_steps >= cfg.max_steps:
+        if cfg.max_steps and cfg.warmup_steps >= cfg.max_steps:  # (max_steps 0 trains nothing: no schedule)
             raise LmforgeError(
                 f"config key '{key}.warmup_steps' ({cfg.warmup_steps}) must be smaller than "
                 f"'{key}.max_steps' ({cfg.max_steps})")

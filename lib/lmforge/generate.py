@@ -93,12 +93,15 @@ def _decode(model: Transformer, prompts: Sequence[Sequence[int]], budgets: list[
     """Yield, per step, (tokens (B,), logprobs (B,), emitted (B,) bool, hit_stop (B,) bool) for one batch.
 
     Rows that are done (stop token or budget reached) get pad tokens that the
-    mask hides, and the loop ends when every row is done.
+    mask hides, and the loop ends when every row is done. Prompts of equal length
+    take a maskless path: nothing is padded, and a finished row's later tokens are
+    junk nobody reads (rows never attend to each other), so no mask is built or updated.
     """
     device = model.embed_tokens.weight.device
     B, P, steps = len(prompts), max(len(p) for p in prompts), max(budgets)
     if steps == 0:
         return
+    padded = any(len(p) != P for p in prompts)
     # The mask covers the whole run up front: prompt columns now, one column per step later.
     ids = torch.full((B, P), pad_id, dtype=torch.long)
     mask = torch.zeros(B, P + steps, dtype=torch.bool)
@@ -108,21 +111,30 @@ def _decode(model: Transformer, prompts: Sequence[Sequence[int]], budgets: list[
     ids, mask = ids.to(device), mask.to(device)
     budget = torch.tensor(budgets, device=device)
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+    no_stop = torch.zeros(B, dtype=torch.bool, device=device)
 
     cache = model.new_cache(B, P + steps - 1)  # the last sampled token is never fed back
-    positions = padded_position_ids(mask[:, :P])
-    logits = _last_logits(model, ids, positions, mask[:, :P], cache)
-    next_pos = positions[:, -1] + 1
+    if padded:
+        positions = padded_position_ids(mask[:, :P])
+        logits = _last_logits(model, ids, positions, mask[:, :P], cache)
+        next_pos = positions[:, -1] + 1
+    else:
+        logits = _last_logits(model, ids, None, None, cache)
     done = budget == 0
     for step in range(steps):
         tokens, logprobs = sample_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p,
                                              generator=generator)
         emitted = ~done
-        hit_stop = emitted & torch.isin(tokens, stops)
+        hit_stop = emitted & torch.isin(tokens, stops) if len(stop_ids) else no_stop
         yield tokens, logprobs, emitted, hit_stop
         done = done | hit_stop | (budget <= step + 1)
-        if step + 1 == steps or bool(done.all()):
+        # Without stop tokens only the budgets end rows, and the largest one ends the loop:
+        # no need to ask the device every step.
+        if step + 1 == steps or (len(stop_ids) and bool(done.all())):
             return
+        if not padded:
+            logits = _last_logits(model, tokens[:, None], None, None, cache)
+            continue
         mask[:, P + step] = ~done
         feed = torch.where(done, torch.full_like(tokens, pad_id), tokens)
         logits = _last_logits(model, feed[:, None], next_pos[:, None], mask[:, :P + step + 1], cache)
@@ -164,12 +176,12 @@ def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: in
 
 def _generate_batch(model, prompts, budgets, out: GenerationOutput, **kw) -> None:
     """Run one batch and append its rows to out."""
-    toks, lps, emits, finished = [], [], [], torch.zeros(len(prompts), dtype=torch.bool)
+    toks, lps, emits, finished = [], [], [], None
     for tokens, logprobs, emitted, hit_stop in _decode(model, prompts, budgets, **kw):
         toks.append(tokens)
         lps.append(logprobs)
         emits.append(emitted)
-        finished |= hit_stop.cpu()
+        finished = hit_stop if finished is None else finished | hit_stop  # stays on the device until the end
     if not toks:
         out.tokens += [[] for _ in prompts]
         out.logprobs += [torch.zeros(0) for _ in prompts]
@@ -178,6 +190,7 @@ def _generate_batch(model, prompts, budgets, out: GenerationOutput, **kw) -> Non
     # Emitted tokens of a row form a prefix of its columns (done is sticky).
     tokens, logprobs = torch.stack(toks, 1).cpu(), torch.stack(lps, 1).float().cpu()
     lengths = torch.stack(emits, 1).sum(1).cpu()
+    finished = finished.cpu()
     for i, n in enumerate(lengths.tolist()):
         out.tokens.append(tokens[i, :n].tolist())
         out.logprobs.append(logprobs[i, :n])

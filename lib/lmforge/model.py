@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lmforge.errors import LmforgeError
 
@@ -441,6 +442,9 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """Decoder-only language model: token ids (B, T) -> next-token logits (B, T, V)."""
 
+    gradient_checkpointing = False
+    """True: recompute each block in the backward pass instead of storing its activations (training only)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg.validate()
@@ -517,11 +521,19 @@ class Transformer(nn.Module):
             raise ValueError(f"key_padding_mask must be (B, S) = {(B, past + T)}, got {tuple(key_padding_mask.shape)}")
 
         x = self.embed_tokens(input_ids)
-        x = self.drop(x + self._absolute_positions(position_ids, past, T))
+        if self.cfg.positional_encoding in ("sinusoidal", "learned"):
+            x = x + self._absolute_positions(position_ids, past, T)
+        if self.cfg.dropout:  # skipping the no-op module call matters when decoding one token at a time
+            x = self.drop(x)
         rope = self._rope(position_ids, past, T)
         mask, is_causal = self._mask(T, past, doc_ids, key_padding_mask, x.device)
+        # Gradient checkpointing: keep only each block's input, recompute its inside during backward.
+        remat = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope=rope, mask=mask, is_causal=is_causal, cache=cache, layer=i)
+            if remat:
+                x = checkpoint(layer, x, use_reentrant=False, rope=rope, mask=mask, is_causal=is_causal, layer=i)
+            else:
+                x = layer(x, rope=rope, mask=mask, is_causal=is_causal, cache=cache, layer=i)
         if cache is not None:
             cache.advance(T)
         return self.norm(x)
@@ -575,8 +587,11 @@ class Transformer(nn.Module):
         alibi = self.cfg.positional_encoding == "alibi"
         if not (alibi or window or doc_ids is not None or key_padding_mask is not None or (past and T > 1)):
             return None, past == 0
-        mask = attention_mask(T, S, past=past, window=window, doc_ids=doc_ids,
-                              key_padding_mask=key_padding_mask, device=device)
+        if T == 1 and not (alibi or window or doc_ids is not None):
+            mask = key_padding_mask[:, None, None, :].bool()  # one new token sees every earlier key but the pads
+        else:
+            mask = attention_mask(T, S, past=past, window=window, doc_ids=doc_ids,
+                                  key_padding_mask=key_padding_mask, device=device)
         # A query with no visible key (a left-pad token) would make softmax 0/0 = NaN;
         # let it see everything instead: its output is junk nobody reads, but finite.
         mask = mask | ~mask.any(dim=-1, keepdim=True)

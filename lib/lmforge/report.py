@@ -14,6 +14,7 @@ from typing import Sequence
 import pandas as pd
 
 from lmforge.checkpoint import atomic_write, atomic_write_text
+from lmforge.errors import LmforgeError
 
 # Table columns, in order, and what each means (the report's legend).
 COLUMNS = {
@@ -161,3 +162,44 @@ def render_report(summary: dict, table: pd.DataFrame, samples: dict[str, list[di
             lines += [f"**{s['prompt']}** (reference: {s['answer']}; {verdict}, reward {s['rm_score']:.3f})", "",
                       _quote(s["response"]), ""]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- several seeds
+
+
+def seed_summary(tables: dict[int, str | Path]) -> pd.DataFrame:
+    """Mean and sample std (ddof 1) of every metric per stage across seeds.
+
+    tables: seed -> that seed's evaluation ``metrics.csv``. Returns one row per
+    (stage, metric), in the stages' and metrics' order, with columns n, mean, std
+    and one column per seed (the raw values, so nothing is hidden by the summary).
+    """
+    if not tables:
+        raise LmforgeError("config key 'seeds' is empty: list two or more seeds (seeds: [1, 2, 3]) to compare them")
+    frames = {}
+    for seed, path in tables.items():
+        try:
+            frames[seed] = pd.read_csv(path, index_col="stage")
+        except (OSError, ValueError) as e:
+            raise LmforgeError(f"{path}: not an evaluation metrics.csv ({e})") from None
+    long = pd.concat({seed: f.stack() for seed, f in frames.items()}, axis=1)  # (stage, metric) x seed
+    long.index.names = ["stage", "metric"]
+    out = pd.DataFrame({"n": long.notna().sum(axis=1), "mean": long.mean(axis=1), "std": long.std(axis=1, ddof=1)})
+    return pd.concat([out, long.rename(columns=lambda s: f"seed_{s}")], axis=1)
+
+
+def render_seed_summary(summary: pd.DataFrame) -> str:
+    """Markdown: one row per stage, one 'mean ± std' cell per metric."""
+    cells = summary.apply(lambda r: f"{r['mean']:.4g} ± {r['std']:.2g}" if r["n"] > 1 else f"{r['mean']:.4g}",
+                          axis=1).unstack("metric")
+    cells = cells.reindex(index=summary.index.unique("stage"), columns=summary.index.unique("metric")).fillna("–")
+    seeds = [c[len("seed_"):] for c in summary.columns if c.startswith("seed_")]
+    return (f"# Evaluation across seeds {', '.join(seeds)}\n\nmean ± sample std over the seeds "
+            f"(n = {len(seeds)}); per-seed values in summary.csv.\n\n{cells.to_markdown()}\n")
+
+
+def write_seed_summary(tables: dict[int, str | Path], csv_path: str | Path, md_path: str | Path) -> pd.DataFrame:
+    summary = seed_summary(tables)
+    atomic_write_text(csv_path, summary.to_csv())
+    atomic_write_text(md_path, render_seed_summary(summary))
+    return summary

@@ -7,6 +7,7 @@ everything that does change results arrives as the stage's params.
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -68,7 +69,15 @@ class StageEnv:
     @classmethod
     def from_snakemake(cls, sm) -> "StageEnv":
         tags = {"snakemake.rule": sm.rule, "snakemake.wildcards": str(dict(sm.wildcards.items()))}
-        return cls.from_config(sm.rule, sm.config, tags=tags, log_path=str(sm.log[0]) if sm.log else None)
+        return cls.from_config(sm.rule, sm.config, tags=tags, log_path=str(sm.log[0]) if sm.log else None,
+                               ckpt_root=checkpoint_root(sm.output[0]) if sm.output else "results/.checkpoints")
+
+
+def checkpoint_root(output: str) -> str:
+    """results/.checkpoints beside the results/ folder an output lies in: a seed's pipeline
+    (results/seeds/<seed>/results/...) resumes from its own checkpoints, never another seed's."""
+    head, sep, _ = str(output).rpartition("results/")
+    return f"{head}results/.checkpoints" if sep else "results/.checkpoints"
 
 
 def run_script(sm, body: Callable[["StageEnv"], object]) -> None:
@@ -110,10 +119,13 @@ def optional_inputs(config: dict, stage: str) -> dict:
     the reward model (reward_fn.rm > 0), the on-policy pairs (dpo.on_policy). Used by the rules and the CLI."""
     cfg = config[stage]
     inputs = {}
+    # A user's files are absolute: a seed's copy of the pipeline prefixes relative paths with its folder.
     if cfg.get("reference"):
-        inputs["reference"] = cfg["reference"]
-    if cfg.get("data"):
-        inputs["data"] = cfg["data"]
+        inputs["reference"] = os.path.abspath(cfg["reference"])
+    from lmforge.data.sources import data_file
+
+    if data_file(cfg.get("data"), f"{stage}.data"):  # a local file; hub data is not a file input
+        inputs["data"] = os.path.abspath(data_file(cfg["data"], f"{stage}.data"))
     if (cfg.get("reward_fn") or {}).get("rm", 0) > 0:
         inputs["reward_model"] = REWARD_MODEL
     if cfg.get("on_policy"):

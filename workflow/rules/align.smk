@@ -1,7 +1,7 @@
 # Alignment of the SFT model: DPO on preference pairs, PPO and GRPO on rollouts.
-ALIGN_CODE = ("model.py", "train/loop.py", "train/optim.py", "train/policy.py", "train/sft.py", "train/reward.py",
-              "generate.py", "rewards.py", "tasks.py", "tokenizer.py", "config.py", "device.py", "data/builtin.py",
-              "data/formats.py", "data/records.py", "checkpoint.py", "stages/common.py", "stages/sft.py")
+ALIGN_CODE = ("model.py", "train/loop.py", "distributed.py", "train/optim.py", "train/policy.py", "train/sft.py",
+              "train/reward.py", "generate.py", "rewards.py", "tasks.py", "tokenizer.py", "config.py", "device.py",
+              "data/builtin.py", "data/formats.py", "data/records.py", "checkpoint.py", "stages/common.py", "stages/sft.py")
 
 
 rule dpo:
@@ -15,6 +15,9 @@ rule dpo:
         **section("dpo"),
         data={"builtin": config["data"]["builtin"]},
         code=code_version(*ALIGN_CODE, "train/dpo.py", "stages/dpo.py"),
+    threads: threads_for("dpo")
+    resources:
+        **resources_for("dpo"),
     log:
         "results/logs/dpo.log",
     conda:
@@ -34,6 +37,9 @@ rule ppo:
         **section("ppo"),
         data={"builtin": config["data"]["builtin"]},
         code=code_version(*ALIGN_CODE, "train/rollout.py", "train/ppo.py", "stages/ppo.py"),
+    threads: threads_for("ppo")
+    resources:
+        **resources_for("ppo"),
     log:
         "results/logs/ppo.log",
     conda:
@@ -53,6 +59,9 @@ rule grpo:
         **section("grpo"),
         data={"builtin": config["data"]["builtin"]},
         code=code_version(*ALIGN_CODE, "train/rollout.py", "train/grpo.py", "stages/grpo.py"),
+    threads: threads_for("grpo")
+    resources:
+        **resources_for("grpo"),
     log:
         "results/logs/grpo.log",
     conda:

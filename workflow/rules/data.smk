@@ -5,7 +5,12 @@ rule tokenizer:
     params:
         **section("tokenizer"),
         data=corpus,
-        code=code_version("tokenizer.py", "data/sources.py", "data/builtin.py", "stages/tokenizer.py"),
+        init_from=config["model"]["init_from"],
+        code=code_version("tokenizer.py", "data/sources.py", "data/builtin.py", "stages/tokenizer.py",
+                          *(["hf.py"] if config["model"]["init_from"] else [])),
+    threads: threads_for("tokenizer")
+    resources:
+        **resources_for("tokenizer"),
     log:
         "results/logs/tokenizer.log",
     conda:
@@ -25,6 +30,9 @@ rule tokenize:
         **section(),
         data=corpus,
         code=code_version("tokenizer.py", "data/sources.py", "data/builtin.py", "data/corpus.py", "stages/tokenize.py"),
+    threads: threads_for("tokenize")
+    resources:
+        **resources_for("tokenize"),
     log:
         "results/logs/tokenize.log",
     conda:

@@ -4,6 +4,7 @@ STAGE_MODELS = {
     "dpo": rules.dpo.output.model,
     "ppo": rules.ppo.output.model,
     "grpo": rules.grpo.output.model,
+    "star": rules.star.output.model,
 }
 
 
@@ -24,6 +25,9 @@ rule evaluate:
         code=code_version("model.py", "generate.py", "rewards.py", "tasks.py", "tokenizer.py", "train/lm.py",
                           "train/policy.py", "data/builtin.py", "evaluate.py", "report.py", "stages/evaluate.py", "stages/common.py",
                           "checkpoint.py"),
+    threads: threads_for("evaluate")
+    resources:
+        **resources_for("evaluate"),
     log:
         "results/logs/evaluate.log",
     conda:

@@ -12,6 +12,9 @@ rule score:
         data={"builtin": config["data"]["builtin"]},
         code=code_version("model.py", "generate.py", "rewards.py", "tasks.py", "tokenizer.py", "data/builtin.py",
                           "data/formats.py", "data/records.py", "stages/score.py", "checkpoint.py"),
+    threads: threads_for("score")
+    resources:
+        **resources_for("score"),
     log:
         "results/logs/score.log",
     conda:

@@ -1,6 +1,6 @@
-"""Rule 'dpo': see lmforge.stages.dpo."""
-from lmforge.stages import dpo
+"""Rule 'dpo': see lmforge.stages.dpo; several processes run it under torchrun (lmforge.distributed)."""
+from lmforge.distributed import launch, settings
 from lmforge.workflow import run_script
 
-run_script(snakemake, lambda env: dpo.run(dict(snakemake.params.items()), dict(snakemake.input.items()),
-                                     dict(snakemake.output.items()), env))
+run_script(snakemake, lambda env: launch("dpo", dict(snakemake.params.items()), dict(snakemake.input.items()),
+                                         dict(snakemake.output.items()), env, **settings(snakemake.config, "dpo")))

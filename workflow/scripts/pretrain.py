@@ -1,6 +1,6 @@
-"""Rule 'pretrain': see lmforge.stages.pretrain."""
-from lmforge.stages import pretrain
+"""Rule 'pretrain': see lmforge.stages.pretrain; several processes run it under torchrun (lmforge.distributed)."""
+from lmforge.distributed import launch, settings
 from lmforge.workflow import run_script
 
-run_script(snakemake, lambda env: pretrain.run(dict(snakemake.params.items()), dict(snakemake.input.items()),
-                                          dict(snakemake.output.items()), env))
+run_script(snakemake, lambda env: launch("pretrain", dict(snakemake.params.items()), dict(snakemake.input.items()),
+                                         dict(snakemake.output.items()), env, **settings(snakemake.config, "pretrain")))

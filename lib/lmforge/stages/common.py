@@ -1,17 +1,51 @@
 """What every training stage does the same way: set up the process, summarise the run, publish artifacts."""
 from __future__ import annotations
 
+import sys
+
 import torch
 
+from lmforge import distributed as dist
 from lmforge.checkpoint import atomic_write_json, save_model
 from lmforge.device import resolve_device, seed_everything, set_threads
 
 
 def setup(env, seed: int) -> torch.device:
-    """Threads, seeds and the device, in that order, before any model is built."""
-    set_threads(env.threads)
+    """Threads, seeds and the device, in that order, before any model is built.
+
+    Under torchrun also the process group (each process its share of the threads,
+    its own GPU), and MLflow on rank 0 only: every rank seeds alike, so every rank
+    builds the same model.
+    """
+    set_threads(dist.process_threads(env.threads))
     seed_everything(seed)
-    return resolve_device(env.device)
+    device = dist.init(resolve_device(env.device))
+    if not dist.is_main():
+        env.tracking_enabled = False  # one MLflow run per stage execution: rank 0's
+    return device
+
+
+def memory_options(model, section: dict, key: str):
+    """A stage section's memory options on a freshly loaded Transformer, in place: ``lora`` (LoRA or
+    QLoRA adapters; only they train afterwards) and ``gradient_checkpointing``. Returns the model."""
+    from lmforge.lora import LoraConfig, apply_lora
+
+    if section.get("lora"):
+        apply_lora(model, LoraConfig.from_dict(section["lora"], key=f"{key}.lora"), key=f"{key}.lora")
+    model.gradient_checkpointing = bool(section.get("gradient_checkpointing", False))
+    return model
+
+
+def log_estimate(stage: str, model_config, section: dict, device, *, fused_loss: bool = True) -> None:
+    """Print the model's size, training memory, FLOPs and expected time (``lmforge.estimate``) to stderr,
+    the rule's log, as a stage starts; ``section`` is the stage's config section (batch, steps, optimizer).
+    fused_loss=False for stages whose loss takes full (B, T, V) logits (all but pretraining)."""
+    if not dist.is_main():
+        return
+    from lmforge.estimate import summary
+
+    text = summary(model_config, section, stage=stage, device=device, fused_loss=fused_loss)
+    print("\n".join(f"[{stage}] {line}" for line in text.splitlines()), file=sys.stderr, flush=True)
 
 
 def run_summary(result, wall: float, device) -> dict:
@@ -19,15 +53,24 @@ def run_summary(result, wall: float, device) -> dict:
     tps = [h["mean_tokens_per_s"] for h in result.history if "mean_tokens_per_s" in h]
     return {"steps": result.step, "best_step": result.best_step, "stopped_early": result.stopped_early,
             "resumed_from": result.resumed_from, "wall_s": wall, "tokens_per_s": tps[-1] if tps else None,
-            "device": str(device), "history": [h for h in result.history if "val_loss" in h]}
+            "device": str(device), "world_size": dist.world_size(), "history": [h for h in result.history if "val_loss" in h]}
 
 
 def publish(run, env, params: dict, outputs: dict, model, *, kind: str, model_config: dict, tokenizer,
-            stage: str, step: int, metrics: dict, final_metrics: dict) -> None:
-    """Write model.pt and metrics.json atomically, then mirror them (and the config and log) to MLflow."""
+            stage: str, step: int, metrics: dict, final_metrics: dict, base: str | None = None) -> None:
+    """Write model.pt and metrics.json atomically, then mirror them (and the config and log) to MLflow.
+
+    A model with LoRA adapters is saved as an adapter checkpoint on ``base`` (the stage's input model file).
+    """
+    from lmforge.lora import has_adapters, save_adapter
+
     metrics["mlflow_run_id"] = run.run_id
-    save_model(outputs["model"], model, kind=kind, model_config=model_config, tokenizer=tokenizer,
-               meta={"stage": stage, "step": step, "mlflow_run_id": run.run_id})
+    meta = {"stage": stage, "step": step, "mlflow_run_id": run.run_id}
+    if has_adapters(model):
+        save_adapter(outputs["model"], model, base=base, kind=kind, model_config=model_config, tokenizer=tokenizer,
+                     meta=meta)
+    else:
+        save_model(outputs["model"], model, kind=kind, model_config=model_config, tokenizer=tokenizer, meta=meta)
     atomic_write_json(outputs["metrics"], metrics)
     run.log_metrics(final_metrics, step=step)
     run.log_dict(params, "config.json")

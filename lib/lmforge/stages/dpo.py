@@ -1,9 +1,9 @@
 """DPO stage: align the SFT model on preference pairs against a frozen reference.
 
 The policy starts from the SFT checkpoint; the reference is ``dpo.reference``
-when set, else the SFT model itself. Pairs come from ``dpo.data`` (a record
-file), else from the scoring stage's on-policy pairs (``dpo.on_policy``), else
-the built-in ``pref_train`` split. The reference's log-probs of every training
+when set, else the SFT model itself. The static pairs are ``dpo.data`` (a
+record file) or the built-in ``pref_train`` split; ``dpo.on_policy`` swaps them
+for the scoring stage's on-policy pairs (true) or mixes both (mixed). The reference's log-probs of every training
 and held-out pair are computed once, before training, and the reference is
 then dropped: during training memory holds only the policy and its optimizer.
 Held-out numbers always come from the built-in ``pref_val`` split.
@@ -15,11 +15,13 @@ import time
 
 import torch
 
+from lmforge import distributed as dist
 from lmforge.checkpoint import file_sha256, load_model
 from lmforge.data.builtin import make_task_data
 from lmforge.data.formats import load_preferences
+from lmforge.data.sources import data_fingerprint
 from lmforge.errors import LmforgeError
-from lmforge.stages.common import publish, run_summary, setup
+from lmforge.stages.common import memory_options, publish, run_summary, setup
 from lmforge.stages.reward import builtin_pairs, fitting
 from lmforge.stages.sft import N_SAMPLES, greedy_responses, sample_logger
 from lmforge.train.dpo import (DPOBatches, check_section, dpo_loss, dpo_stats, encode_dpo_pairs, evaluate_dpo,
@@ -28,18 +30,34 @@ from lmforge.train.loop import final_weights, train
 from lmforge.train.policy import load_reference
 
 
-def train_pairs(section: dict, inputs: dict, task_data: dict, tok, seq: int) -> tuple[list[dict], int, object]:
-    """(training pairs, number left out because the prompt fills the context, data identity for resume)."""
+def static_pairs(section: dict, task_data: dict, tok, seq: int) -> tuple[list[dict], int, object]:
+    """(pairs of dpo.data or the builtin set, number left out because the prompt fills the context, identity)."""
     if section["data"]:
-        return load_preferences(section["data"], key="dpo.data"), 0, file_sha256(section["data"])
-    if section["on_policy"]:
-        if "pairs" not in inputs:
-            raise LmforgeError("config key 'dpo.on_policy' is true, but no scored pairs file was given")
-        pairs = load_preferences(inputs["pairs"], key="dpo.on_policy")
-        kept = fitting(pairs, tok, seq)  # made by the pipeline for any context: filter like builtin pairs
-        return kept, len(pairs) - len(kept), file_sha256(inputs["pairs"])
+        return load_preferences(section["data"], key="dpo.data"), 0, data_fingerprint(section["data"], "dpo.data")
     pairs, skipped = builtin_pairs(task_data, "pref_train", tok, seq)
     return pairs, skipped, "builtin"
+
+
+def mix(static: list[dict], on_policy: list[dict], share: float) -> list[dict]:
+    """The static pairs plus the on-policy pairs repeated so they make about ``share`` of the result."""
+    repeats = max(1, round(share / (1 - share) * len(static) / max(len(on_policy), 1)))
+    return static + on_policy * repeats
+
+
+def train_pairs(section: dict, inputs: dict, task_data: dict, tok, seq: int) -> tuple[list[dict], int, object]:
+    """(training pairs, number left out because the prompt fills the context, data identity for resume)."""
+    if not section["on_policy"]:
+        return static_pairs(section, task_data, tok, seq)
+    if "pairs" not in inputs:
+        raise LmforgeError(f"config key 'dpo.on_policy' is {section['on_policy']}, but no scored pairs file was given")
+    pairs = load_preferences(inputs["pairs"], key="dpo.on_policy")
+    kept = fitting(pairs, tok, seq)  # made by the pipeline for any context: filter like builtin pairs
+    skipped, identity = len(pairs) - len(kept), file_sha256(inputs["pairs"])
+    if section["on_policy"] is True:
+        return kept, skipped, identity
+    static, static_skipped, static_id = static_pairs(section, task_data, tok, seq)
+    return (mix(static, kept, section["on_policy_share"]), skipped + static_skipped,
+            {"static": static_id, "on_policy": identity, "share": section["on_policy_share"]})
 
 
 def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
@@ -48,8 +66,10 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
     check_section(section)
     beta = resolve_beta(section)
     tcfg = minibatch_config(section, key="dpo")
+    dist.check_batch(tcfg.batch_size, "dpo.mini_batch_size" if section.get("mini_batch_size") else "dpo.batch_size")
     loss_kw = dict(beta=beta, loss_type=section["loss_type"], label_smoothing=section["label_smoothing"])
     policy, tok, ckpt = load_model(inputs["policy"], device=device)
+    memory_options(policy, section, "dpo")  # LoRA: the policy starts as the base exactly (B = 0)
     mcfg = ckpt["model_config"]
     reference = inputs.get("reference")
     ref_model = load_reference(reference, inputs["policy"], ckpt, device=device, key="dpo.reference") if reference else None
@@ -83,7 +103,8 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
     sample_prompts = [r["prompt"] for r in task_data["pref_val"]
                       if len(tok.prompt_ids(r["prompt"])) < seq][:N_SAMPLES]
     fingerprint = {"init": file_sha256(inputs["policy"]), "reference": file_sha256(reference) if reference else None,
-                   "data": data_id, "builtin": params["data"]["builtin"], "seed": params["seed"], **loss_kw}
+                   "data": data_id, "builtin": params["data"]["builtin"], "seed": params["seed"], **loss_kw,
+                   "lora": section.get("lora")}
     lineage = {k: inputs[k] for k in ("policy", "reference", "data", "pairs") if inputs.get(k)}
     with env.tracker(params, lineage) as run:
         run.set_tags({"device": str(device)})
@@ -97,6 +118,10 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
                        ckpt_dir=env.ckpt_dir, device=device, fingerprint=fingerprint, run=run,
                        on_eval=log_samples)
         wall = time.perf_counter() - t0
+        if not dist.is_main():
+            return {}  # under torchrun rank 0 alone evaluates and publishes
+        policy = dist.unwrap(policy, lambda: memory_options(load_model(inputs["policy"], device=device)[0], section,
+                                                            "dpo"))
         policy.load_state_dict(final_weights(result, tcfg))
         policy.eval()
         with torch.no_grad():
@@ -111,7 +136,7 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
             "samples": [{"prompt": p, "response": r} for p, r in zip(sample_prompts, replies)],
         }
         publish(run, env, params, outputs, policy, kind="causal_lm", model_config=mcfg, tokenizer=tok,
-                stage="dpo", step=result.step, metrics=metrics,
+                stage="dpo", step=result.step, metrics=metrics, base=inputs["policy"],
                 final_metrics={f"final_{k}": v for k, v in final.items()})
     print(f"dpo: done in {wall:.1f}s, held-out accuracy {final['val_accuracy']:.3f}, "
           f"margin {final['val_margin']:.3f}")

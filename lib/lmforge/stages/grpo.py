@@ -20,10 +20,12 @@ from lmforge.checkpoint import file_sha256, load_model
 from lmforge.config import TrainConfig
 from lmforge.data.builtin import make_task_data
 from lmforge.data.formats import load_prompts
+from lmforge.data.sources import data_fingerprint
 from lmforge.device import autocast
 from lmforge.errors import LmforgeError
+from lmforge.lora import BaseView, has_adapters
 from lmforge.rewards import RewardFunction, RewardSpec
-from lmforge.stages.common import publish, run_summary, setup
+from lmforge.stages.common import memory_options, publish, run_summary, setup
 from lmforge.stages.sft import N_SAMPLES, greedy_responses, sample_logger
 from lmforge.tasks import is_correct, is_dismissive
 from lmforge.train.grpo import GRPOConfig, grpo_loss, make_rollout
@@ -73,6 +75,7 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
     spec.check_prompts(records, source, key="grpo.reward_fn")
 
     model, tok, ckpt = load_model(inputs["policy"], device=device)
+    memory_options(model, section, "grpo")
     mcfg = ckpt["model_config"]
     seq = mcfg["max_seq_len"]
     prompts = fitting_prompts(records, tok, seq)
@@ -84,7 +87,10 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
 
     # ---- frozen models: only those the config asks for -----------------------------
     reference_path = (inputs.get("reference") or section["reference"] or inputs["policy"]) if cfg.beta > 0 else None
-    reference = load_reference(reference_path, inputs["policy"], ckpt, device=device, key="grpo.reference") if reference_path else None
+    if reference_path and str(reference_path) == str(inputs["policy"]) and has_adapters(model):
+        reference = BaseView(model)  # the policy with its adapters off: no second copy of the weights
+    else:
+        reference = load_reference(reference_path, inputs["policy"], ckpt, device=device, key="grpo.reference") if reference_path else None
     reward_fn = RewardFunction(spec, policy_tokenizer=tok, reward_model_path=inputs.get("reward_model"),
                                device=device, key="grpo.reward_fn")
     print(f"grpo: {len(prompts)} prompts from {source} ({len(records) - len(prompts)} too long), "
@@ -121,7 +127,8 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
     sample_prompts = [r["prompt"] for r in heldout[:N_SAMPLES]]
     before = heldout_metrics(model, tok, heldout)
     fingerprint = {"init": file_sha256(inputs["policy"]), "seed": params["seed"],
-                   "data": file_sha256(source) if source != "builtin:rl_train" else params["data"]["builtin"],
+                   "data": (data_fingerprint(section["data"], "grpo.data") if source != "builtin:rl_train"
+                            else params["data"]["builtin"]),
                    "grpo": TrainConfig.split(section)[1], "batch_size": section["batch_size"],
                    "reference": file_sha256(reference_path) if reference_path else None,
                    "reward_model": file_sha256(inputs["reward_model"]) if spec.rm > 0 else None}
@@ -151,7 +158,7 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
             "samples": [{"prompt": p, "response": r} for p, r in zip(sample_prompts, replies)],
         }
         publish(run, env, params, outputs, model, kind="causal_lm", model_config=mcfg, tokenizer=tok,
-                stage="grpo", step=result.step, metrics=metrics,
+                stage="grpo", step=result.step, metrics=metrics, base=inputs["policy"],
                 final_metrics={"final_val_accuracy": final["val_accuracy"],
                                **{f"heldout_{k}": v for k, v in after.items()},
                                **{f"sft_heldout_{k}": v for k, v in before.items()}})

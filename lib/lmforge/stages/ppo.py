@@ -24,10 +24,12 @@ from lmforge.checkpoint import file_sha256, load_model
 from lmforge.config import TrainConfig
 from lmforge.data.builtin import make_task_data
 from lmforge.data.formats import load_prompts
+from lmforge.data.sources import data_fingerprint
 from lmforge.device import autocast
 from lmforge.errors import LmforgeError
+from lmforge.lora import BaseView, has_adapters
 from lmforge.rewards import RewardFunction, RewardSpec
-from lmforge.stages.common import publish, run_summary, setup
+from lmforge.stages.common import memory_options, publish, run_summary, setup
 from lmforge.tasks import is_correct
 from lmforge.train.loop import final_weights, train
 from lmforge.train.policy import load_reference, token_logprobs
@@ -118,6 +120,7 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
     s = PPOSettings.from_section(section)
     spec = RewardSpec.from_dict(section["reward_fn"], key="ppo.reward_fn")
     policy, tok, ckpt = load_model(inputs["policy"], device=device)
+    memory_options(policy, section, "ppo")  # before the critic copies the policy: it gets adapters too
     mcfg = ckpt["model_config"]
     seq = mcfg["max_seq_len"]
 
@@ -131,7 +134,10 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
     sample_records = val_records[:N_SAMPLES]
 
     reference_path = inputs.get("reference") or inputs["policy"]
-    reference = load_reference(reference_path, inputs["policy"], ckpt, device=device, key="ppo.reference")
+    if str(reference_path) == str(inputs["policy"]) and has_adapters(policy):
+        reference = BaseView(policy)  # the policy with its adapters off: no second copy of the weights
+    else:
+        reference = load_reference(reference_path, inputs["policy"], ckpt, device=device, key="ppo.reference")
     reward_fn = RewardFunction(spec, policy_tokenizer=tok, reward_model_path=inputs.get("reward_model"),
                                device=device, key="ppo.reward_fn")
     batch_size = section["batch_size"]
@@ -186,7 +192,7 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
     before_sampled = heldout_sampled(model.policy, reference, tok, val_records, reward_fn, **sampled)
     _, stage_knobs = TrainConfig.split(section)
     fingerprint = {"init": file_sha256(inputs["policy"]), "seed": params["seed"], "ppo": stage_knobs,
-                   "data": file_sha256(section["data"]) if section["data"] else params["data"]["builtin"],
+                   "data": data_fingerprint(section["data"], "ppo.data") if section["data"] else params["data"]["builtin"],
                    **{k: file_sha256(inputs[k]) for k in ("reference", "reward_model") if inputs.get(k)}}
     lineage = {k: inputs[k] for k in ("policy", "reference", "reward_model", "data") if inputs.get(k)}
 
@@ -220,7 +226,7 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
                         for p, a, b in zip(sample_prompts, before_samples, after_samples)],
         }
         publish(run, env, params, outputs, model.policy, kind="causal_lm", model_config=mcfg, tokenizer=tok,
-                stage="ppo", step=result.step, metrics=metrics,
+                stage="ppo", step=result.step, metrics=metrics, base=inputs["policy"],
                 final_metrics={**{f"heldout_{k}": v for k, v in after.items()},
                                **{f"sft_heldout_{k}": v for k, v in before.items()},
                                **{f"heldout_sampled_{k}": v for k, v in after_sampled.items()},

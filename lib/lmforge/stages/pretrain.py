@@ -5,18 +5,23 @@ import json
 import time
 from pathlib import Path
 
+from lmforge import distributed as dist
 from lmforge.checkpoint import file_sha256
 from lmforge.config import TrainConfig
 from lmforge.errors import LmforgeError
 from lmforge.model import ModelConfig, Transformer
-from lmforge.stages.common import publish, run_summary, setup
+from lmforge.stages.common import log_estimate, memory_options, publish, run_summary, setup
 from lmforge.tokenizer import LMTokenizer
 from lmforge.train.lm import TokenWindows, evaluate_lm, lm_loss
-from lmforge.train.loop import final_weights, train
+from lmforge.train.loop import TrainResult, final_weights, train
 
 
 def build_model(model_params: dict, tok: LMTokenizer) -> tuple[Transformer, ModelConfig]:
-    cfg = ModelConfig.from_dict(model_params).validate()
+    if model_params.get("init_from"):  # shape and weights of an imported Hugging Face model
+        from lmforge.hf import init_model
+
+        return init_model(model_params, tok)
+    cfg = ModelConfig.from_dict({k: v for k, v in model_params.items() if k != "init_from"}).validate()
     if tok.vocab_size > cfg.vocab_size:
         raise LmforgeError(f"the tokenizer has {tok.vocab_size} tokens but 'model.vocab_size' is "
                            f"{cfg.vocab_size}; raise model.vocab_size to at least {tok.vocab_size}")
@@ -32,25 +37,35 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
         raise LmforgeError(f"{inputs['meta']}: the token files were made with another tokenizer; rerun the tokenize rule")
     model, mcfg = build_model(params["model"], tok)
     model.to(device)
+    memory_options(model, params["pretrain"], "pretrain")  # gradient_checkpointing (pretrain has no lora key)
     n_params, n_non_emb = model.num_params(), model.num_params(non_embedding=True)
     print(f"pretrain: model has {n_params:,} parameters ({n_non_emb:,} non-embedding) on {device}")
+    log_estimate("pretrain", mcfg, params["pretrain"], device)
 
     seq = mcfg.max_seq_len
     train_windows = TokenWindows(inputs["train"], meta["dtype"], seq, tcfg.batch_size, params["seed"], device)
     val_windows = TokenWindows(inputs["val"], meta["dtype"], seq, tcfg.batch_size, params["seed"], device)
     bpt = meta["val_bytes_per_token"]
-    fingerprint = {"model": mcfg.to_dict(), "seed": params["seed"],
+    fingerprint = {"model": mcfg.to_dict(), "seed": params["seed"], "init_from": params["model"].get("init_from"),
                    "data": {k: file_sha256(inputs[k]) for k in ("train", "val", "tokenizer")}}
 
     with env.tracker(params, {k: inputs[k] for k in ("tokenizer", "train", "val")}) as run:
         run.set_tags({"device": str(device), "n_params": n_params})
         t0 = time.perf_counter()
-        result = train(model, stage="pretrain", cfg=tcfg, model_config=mcfg.to_dict(),
-                       batch_fn=train_windows.batch, loss_fn=lm_loss,
-                       eval_fn=lambda m: evaluate_lm(m, val_windows, tcfg.eval_steps, bpt),
-                       ckpt_dir=env.ckpt_dir, device=device, fingerprint=fingerprint, run=run)
+        if tcfg.max_steps:
+            result = train(model, stage="pretrain", cfg=tcfg, model_config=mcfg.to_dict(),
+                           batch_fn=train_windows.batch, loss_fn=lm_loss,
+                           eval_fn=lambda m: evaluate_lm(m, val_windows, tcfg.eval_steps, bpt),
+                           ckpt_dir=env.ckpt_dir, device=device, fingerprint=fingerprint, run=run)
+        else:  # max_steps 0: publish the initial model as it is (with model.init_from, a pure conversion)
+            result = TrainResult(step=0, best_val=None, best_step=None, last_path=None, best_path=None,
+                                 stopped_early=False)
         wall = time.perf_counter() - t0
-        model.load_state_dict(final_weights(result, tcfg))
+        if not dist.is_main():
+            return {}  # under torchrun rank 0 alone evaluates and publishes
+        model = dist.unwrap(model, lambda: build_model(params["model"], tok)[0].to(device))
+        if tcfg.max_steps:
+            model.load_state_dict(final_weights(result, tcfg))
         final = evaluate_lm(model.eval(), val_windows, tcfg.eval_steps, bpt)
         metrics = {**final, **run_summary(result, wall, device), "n_params": n_params,
                    "n_params_non_embedding": n_non_emb}

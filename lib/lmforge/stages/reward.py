@@ -12,7 +12,8 @@ from lmforge.checkpoint import file_sha256, load_model
 from lmforge.config import TrainConfig
 from lmforge.data.builtin import make_task_data
 from lmforge.data.formats import load_preferences
-from lmforge.stages.common import publish, run_summary, setup
+from lmforge.data.sources import data_fingerprint
+from lmforge.stages.common import memory_options, publish, run_summary, setup
 from lmforge.errors import LmforgeError
 from lmforge.model import RewardModel
 from lmforge.train.loop import final_weights, train
@@ -48,6 +49,7 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
     section = params["reward"]
     tcfg = TrainConfig.from_dict(section, key="reward")
     trunk, tok, ckpt = load_model(inputs["model"])
+    memory_options(trunk, section, "reward")  # before the head: a LoRA reward model trains adapters + head
     mcfg = ckpt["model_config"]
     model = RewardModel(trunk).to(device)  # the score head is fresh; everything else is the SFT model
     seq = mcfg["max_seq_len"]
@@ -71,9 +73,9 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
     print(f"reward: {len(train_ex)} pairs ({n_truncated} truncated, {n_skipped} left out: prompt too long), "
           f"{len(val_ex)} held out, on {device}")
 
-    data_id = file_sha256(section["data"]) if section["data"] else params["data"]["builtin"]
+    data_id = data_fingerprint(section["data"], "reward.data") if section["data"] else params["data"]["builtin"]
     fingerprint = {"init": file_sha256(inputs["model"]), "data": data_id, "seed": params["seed"],
-                   "margin": section["margin"], "center_coef": center}
+                   "margin": section["margin"], "center_coef": center, "lora": section.get("lora")}
     with env.tracker(params, {"model": inputs["model"]}) as run:
         run.set_tags({"device": str(device)})
         t0 = time.perf_counter()
@@ -87,7 +89,7 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
         metrics = {**final, "n_train": len(train_ex), "n_val": len(val_ex), "n_truncated": n_truncated,
                    "n_skipped": n_skipped, "n_val_skipped": n_val_skipped, **run_summary(result, wall, device)}
         publish(run, env, params, outputs, model, kind="reward_model", model_config=mcfg, tokenizer=tok,
-                stage="reward", step=result.step, metrics=metrics,
+                stage="reward", step=result.step, metrics=metrics, base=inputs["model"],
                 final_metrics={f"final_{k}": v for k, v in final.items()})
     print(f"reward: done in {wall:.1f}s, held-out accuracy {final['val_accuracy']:.3f}, "
           f"margin {final['val_margin']:.3f}")

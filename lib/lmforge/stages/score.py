@@ -74,7 +74,7 @@ def score_prompts(params: dict, tok, max_seq_len: int) -> tuple[list[dict], str,
     """
     section = params["score"]
     if section["data"]:
-        source = str(section["data"])
+        source = section["data"]
         records = load_prompts(source, key="score.data")[:section["n_prompts"]]
         for r in records:
             n = len(prompt_ids(tok, r))

@@ -13,18 +13,20 @@ import time
 
 import torch
 
+from lmforge import distributed as dist
 from lmforge.checkpoint import file_sha256, load_model
 from lmforge.config import TrainConfig
 from lmforge.data.builtin import make_task_data
 from lmforge.data.formats import load_sft
-from lmforge.stages.common import publish, run_summary, setup
+from lmforge.data.sources import data_fingerprint
+from lmforge.stages.common import memory_options, publish, run_summary, setup
 from lmforge.errors import LmforgeError
 from lmforge.generate import generate
 from lmforge.model import Transformer
 from lmforge.tasks import is_correct, is_dismissive
 from lmforge.tokenizer import LMTokenizer
 from lmforge.train.loop import final_weights, train
-from lmforge.train.sft import SFTBatches, encode_conversations, evaluate_sft, sft_loss
+from lmforge.train.sft import IGNORE, SFTBatches, encode_conversations, evaluate_sft, sft_loss
 
 N_SAMPLES = 5  # fixed held-out prompts whose greedy answers are logged at every evaluation
 TASK_EVAL_TOKENS = 32  # enough for every built-in task's answer sentence
@@ -64,6 +66,20 @@ def task_metrics(model: Transformer, tok: LMTokenizer, records: list[dict]) -> d
             "dismissive_rate": sum(is_dismissive(s) for s in responses) / n}
 
 
+def rank_sft_loss(pad_id: int):
+    """``sft_loss`` plus what several processes need to give one process's numbers: ``loss_count``,
+    the trained tokens its mean is over (the loop weights each rank's mean by it), and the real
+    tokens of this rank's rows (a padded batch's ``n_real`` counts the whole micro-batch)."""
+    def loss_fn(model, batch: dict):
+        loss, metrics = sft_loss(model, batch)
+        if dist.world_size() == 1:
+            return loss, metrics
+        tokens = metrics["tokens"] if "doc_ids" in batch else int((batch["input_ids"] != pad_id).sum())
+        return loss, {**metrics, "tokens": tokens, "loss_count": int((batch["targets"] != IGNORE).sum())}
+
+    return loss_fn
+
+
 def train_conversations(params: dict, task_data: dict) -> list[list[dict]]:
     source = params["sft"]["data"]
     if source is None:
@@ -76,6 +92,7 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
     section = params["sft"]
     tcfg = TrainConfig.from_dict(section, key="sft")
     model, tok, ckpt = load_model(inputs["model"], device=device)
+    memory_options(model, section, "sft")
     mcfg = ckpt["model_config"]
     seq = mcfg["max_seq_len"]
 
@@ -97,9 +114,9 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
     gen_records = fitting(val_records, tok, seq)
     sample_prompts = [r["messages"][0]["content"] for r in gen_records[:N_SAMPLES]]
     before = task_metrics(model, tok, gen_records)
-    data_id = file_sha256(section["data"]) if section["data"] else params["data"]["builtin"]
+    data_id = data_fingerprint(section["data"], "sft.data") if section["data"] else params["data"]["builtin"]
     fingerprint = {"init": file_sha256(inputs["model"]), "data": data_id, "seed": params["seed"],
-                   "packing": section["packing"], "train_on_all": section["train_on_all"]}
+                   "packing": section["packing"], "train_on_all": section["train_on_all"], "lora": section.get("lora")}
 
     with env.tracker(params, {"model": inputs["model"]}) as run:
         run.set_tags({"device": str(device)})
@@ -108,10 +125,14 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
 
         t0 = time.perf_counter()
         result = train(model, stage="sft", cfg=tcfg, model_config=mcfg, batch_fn=train_batches.batch,
-                       loss_fn=sft_loss, eval_fn=lambda m: evaluate_sft(m, val_batches),
+                       loss_fn=rank_sft_loss(tok.pad_id), eval_fn=lambda m: evaluate_sft(m, val_batches),
                        ckpt_dir=env.ckpt_dir, device=device, fingerprint=fingerprint, run=run,
                        on_eval=log_samples)
         wall = time.perf_counter() - t0
+        if not dist.is_main():
+            return {}  # under torchrun rank 0 alone evaluates and publishes
+        model = dist.unwrap(model, lambda: memory_options(load_model(inputs["model"], device=device)[0], section,
+                                                          "sft"))
         model.load_state_dict(final_weights(result, tcfg))
         model.eval()
         final = evaluate_sft(model, val_batches)
@@ -125,7 +146,7 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
             "samples": [{"prompt": p, "response": r} for p, r in zip(sample_prompts, replies)],
         }
         publish(run, env, params, outputs, model, kind="causal_lm", model_config=mcfg, tokenizer=tok,
-                stage="sft", step=result.step, metrics=metrics,
+                stage="sft", step=result.step, metrics=metrics, base=inputs["model"],
                 final_metrics={"final_val_loss": final["val_loss"],
                                **{f"heldout_{k}": v for k, v in after.items()},
                                **{f"pretrained_heldout_{k}": v for k, v in before.items()}})

@@ -1,4 +1,5 @@
-"""Tokenizer stage: train a byte-level BPE on the pretraining text, or adopt an existing one."""
+"""Tokenizer stage: train a byte-level BPE on the pretraining text, or adopt an existing one
+(``tokenizer.type: pretrained``, or the imported model's with ``model.init_from``)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,7 +15,11 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
     docs, specs = load_corpus(data, seed=params["seed"])
     train, val = split_documents(docs, data["val_fraction"])
     with env.tracker(params, inputs) as run:
-        if cfg["type"] == "bpe":
+        if params.get("init_from"):  # model.init_from: the imported model's own tokenizer, converted
+            from lmforge.hf import import_tokenizer
+
+            tok = import_tokenizer(params["init_from"])
+        elif cfg["type"] == "bpe":
             fit_on = train[: cfg["max_train_docs"]] if cfg["max_train_docs"] else train
             tok = LMTokenizer.train(fit_on, vocab_size=cfg["vocab_size"], min_frequency=cfg["min_frequency"])
         else:
@@ -22,7 +27,8 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
         out_dir = Path(outputs["tokenizer"]).parent
         tok.save(out_dir)
         stats = {
-            "vocab_size": tok.vocab_size, "tokenizer_sha256": tok.sha256, "type": cfg["type"],
+            "vocab_size": tok.vocab_size, "tokenizer_sha256": tok.sha256,
+            "type": "init_from" if params.get("init_from") else cfg["type"],
             "train_docs": len(train), "heldout_docs": len(val),
             "heldout_bytes_per_token": bytes_per_token(tok, val), "sources": describe(specs),
             "mlflow_run_id": run.run_id,

@@ -7,16 +7,134 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from lmforge.errors import LmforgeError
+
+# Rows of logits per chunk in linear_cross_entropy: ~2M floats (8 MB in fp32) stay in cache
+# while they are turned into a gradient, instead of a (N, V) tensor that streams through memory.
+CHUNK_ELEMENTS = 2**21
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of ``h @ weight.T`` whose gradients are computed chunk by chunk in the forward.
+
+    Neither the (N, V) logits nor their gradient ever exist at once: for each chunk
+    of rows the logits become probabilities in place, the one-hot target is
+    subtracted, and the two gradient matmuls consume them while they are hot.
+    The backward only scales the stored gradients by the incoming one.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, ignore_index: int, reduction: str, chunk: int, grad_enabled: bool):
+        valid = targets != ignore_index
+        safe = torch.where(valid, targets, torch.zeros_like(targets))[:, None]
+        n_valid = valid.sum()
+        scale = 1.0 / n_valid.clamp(min=1) if reduction == "mean" else torch.ones((), device=h.device)
+        # needs_input_grad is also set under no_grad (a parameter requires grad); no gradient is wanted then.
+        need_h, need_w = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        all_valid = bool(valid.all())
+        for start in range(0, h.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            logp = torch.log_softmax((h[rows] @ weight.T).float(), dim=-1)
+            picked = logp.gather(1, safe[rows]).squeeze(1)
+            total -= picked.sum() if all_valid else (picked * valid[rows]).sum()
+            if not (need_h or need_w):
+                continue
+            # d loss / d logits = softmax - onehot (rows of ignored targets: 0).
+            g = logp.exp_()
+            g.scatter_add_(1, safe[rows], torch.full_like(picked, -1.0)[:, None])
+            if not all_valid:
+                g.mul_(valid[rows, None])
+            g = g.to(h.dtype)
+            if need_h:
+                torch.mm(g, weight, out=grad_h[rows])
+            if need_w:
+                if grad_w.dtype == g.dtype:
+                    grad_w.addmm_(g.T, h[rows])
+                else:
+                    grad_w.add_(g.T @ h[rows])
+        if need_h:
+            grad_h.mul_(scale.to(h.dtype))
+        if need_w:
+            grad_w = grad_w.mul_(scale).to(weight.dtype)
+        ctx.ignore_index, ctx.reduction = ignore_index, reduction
+        ctx.save_for_backward(h, weight, targets, grad_h, grad_w)
+        if reduction == "mean":
+            return total / n_valid  # 0/0 = nan when every target is ignored, as F.cross_entropy
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, weight, targets, grad_h, grad_w = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph (a Hessian step): the stored gradients are constants, so rebuild
+            # them from differentiable ops; slow, but such steps are rare.
+            grad_h, grad_w = _differentiable_grads(h, weight, targets, ctx.ignore_index, ctx.reduction)
+        return (None if grad_h is None else grad_h * grad_out.to(grad_h.dtype),
+                None if grad_w is None else grad_w * grad_out.to(grad_w.dtype), None, None, None, None, None)
+
+
+def _differentiable_grads(h, weight, targets, ignore_index: int, reduction: str):
+    """The gradients of the unfused loss as a graph of h and weight: (softmax - onehot) / n, times weight / h."""
+    valid = targets != ignore_index
+    probs = torch.softmax((h @ weight.T).float(), dim=-1)
+    onehot = F.one_hot(torch.where(valid, targets, torch.zeros_like(targets)), probs.shape[-1])
+    g = (probs - onehot) * valid[:, None]
+    if reduction == "mean":
+        g = g / valid.sum()
+    g = g.to(h.dtype)
+    return g @ weight, g.T @ h
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                         ignore_index: int = -100, reduction: str = "mean",
+                         chunk_rows: int | None = None) -> torch.Tensor:
+    """``F.cross_entropy(h @ weight.T, targets)`` without materializing the logits.
+
+    h (N, D) hidden states, weight (V, D) the output layer, targets (N,) int with
+    ``ignore_index`` for positions that do not count. reduction: "mean" over counted
+    targets or "sum". Logits, softmax and loss are fp32; under autocast the matmuls
+    run in the autocast dtype. Same value and gradients as the unfused expression.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    device_type = h.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        h, weight = h.to(dtype), weight.to(dtype)
+    chunk = chunk_rows or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    with torch.autocast(device_type, enabled=False):
+        return _LinearCrossEntropy.apply(h, weight, targets, ignore_index, reduction, chunk,
+                                         torch.is_grad_enabled())
+
+
+def _plain_lm_head(model) -> bool:
+    """Whether the fused loss can stand in for ``model.lm_head``: a bias-free nn.Linear (not an adapter)."""
+    head = getattr(model, "lm_head", None)
+    return type(head) is nn.Linear and head.bias is None and hasattr(model, "hidden_states")
+
+
+def next_token_loss(model, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of the model's predictions for x (B, T) against targets y (B, T).
+
+    A plain output layer goes through ``linear_cross_entropy`` (no (B, T, V) logits);
+    anything else (an adapter on lm_head, a model without ``hidden_states``) through its logits.
+    """
+    if _plain_lm_head(model):
+        h = model.hidden_states(x)
+        return linear_cross_entropy(h.flatten(0, 1), model.lm_head.weight, y.reshape(-1), reduction=reduction)
+    logits = model(x)
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction=reduction)
 
 
 def lm_loss(model, batch) -> tuple[torch.Tensor, dict]:
     """Mean cross-entropy of ``batch = (x, y)``, both (B, T) token ids."""
     x, y = batch
-    logits = model(x)
-    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
-    return loss, {"tokens": x.numel()}
+    return next_token_loss(model, x, y), {"tokens": x.numel()}
 
 
 class TokenWindows:
@@ -57,8 +175,7 @@ def evaluate_lm(model, windows: TokenWindows, n_batches: int, bytes_per_token: f
     """val_loss (nats/token), perplexity and bits per byte over fixed held-out windows."""
     total, count = 0.0, 0
     for x, y in windows.eval_batches(n_batches):
-        logits = model(x)
-        total += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
+        total += next_token_loss(model, x, y, reduction="sum").item()
         count += y.numel()
     loss = total / max(count, 1)
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)),

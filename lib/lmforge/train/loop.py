@@ -13,6 +13,11 @@ Optimizer, schedule with warmup, gradient accumulation and clipping, periodic
 evaluation, early stopping, atomic best/last checkpoints, exact resume (model,
 optimizer, scheduler, step, RNG), and a NaN guard that stops with the last good
 checkpoint intact all live here, once.
+
+Under torchrun (``lmforge.distributed``) every rank runs this same loop on its
+slice of each micro-batch; ``loss_fn`` may return ``metrics["loss_count"]``, the
+number of items its mean is over, so the loss is the mean over every rank's
+items. Rank 0 alone writes checkpoints.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from typing import Any, Callable
 
 import torch
 
+from lmforge import distributed as dist
 from lmforge.checkpoint import atomic_torch_save
 from lmforge.config import TrainConfig
 from lmforge.device import autocast, rng_state, set_rng_state
@@ -93,7 +99,7 @@ def _load_resume(path: Path, model, model_config: dict, stage: str) -> dict:
         detail = ", ".join(f"{k}: {(theirs or {}).get(k)!r} in checkpoint vs {model_config.get(k)!r} now"
                            for k in diff[:6])
         raise LmforgeError(f"{stage}: cannot resume from {path}: it was trained with a different model config ({detail})")
-    model.load_state_dict(state["model"])
+    dist.load_model_state(model, state["model"])
     return state
 
 
@@ -107,6 +113,9 @@ def train(model: torch.nn.Module, *, stage: str, cfg: TrainConfig, model_config:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
     fingerprint = fingerprint_of(cfg, fingerprint)
+    dist.check_batch(cfg.batch_size, f"{stage}.batch_size")
+    dist.check_optimizer(cfg.optimizer, f"{stage}.optimizer")
+    train_model = dist.wrap(model, device)  # what loss_fn calls; FSDP shards model in place, so before the optimizer
 
     optimizer = optim_lib.build_optimizer(
         model, name=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -123,10 +132,13 @@ def train(model: torch.nn.Module, *, stage: str, cfg: TrainConfig, model_config:
         src = Path(cfg.resume_from)
         if not src.exists():
             raise LmforgeError(f"config key '{stage}.resume_from': checkpoint not found: {src}")
+        if cfg.resume_optimizer:
+            dist.check_resume(torch.load(src, map_location="cpu", weights_only=False), src, stage)
         state = _load_resume(src, model, model_config, stage)
     elif cfg.resume and last_path.exists():
         candidate = torch.load(last_path, map_location="cpu", weights_only=False)
         if candidate.get("fingerprint") == fingerprint:
+            dist.check_resume(candidate, last_path, stage)
             state = _load_resume(last_path, model, model_config, stage)
         else:
             print(f"[{stage}] ignoring {last_path}: it belongs to a run with other settings", file=sys.stderr)
@@ -136,11 +148,11 @@ def train(model: torch.nn.Module, *, stage: str, cfg: TrainConfig, model_config:
                 raise LmforgeError(
                     f"{stage}: the checkpoint was trained with optimizer '{state.get('optimizer_name')}', "
                     f"not '{cfg.optimizer}'; set '{stage}.resume_optimizer: false' to start a fresh optimizer")
-            optimizer.load_state_dict(state["optimizer"])
+            dist.load_optimizer_state(model, optimizer, state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
         step, best_val, best_step = state["step"], state["best_val"], state["best_step"]
         bad_evals, history = state["bad_evals"], state["history"]
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng_ranks"][dist.rank()] if state.get("rng_ranks") else state["rng"])
         if not cfg.resume_optimizer:  # a fresh schedule continues from the resumed step
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # stepping the schedule before any optimizer step
@@ -148,34 +160,41 @@ def train(model: torch.nn.Module, *, stage: str, cfg: TrainConfig, model_config:
                     scheduler.step()
         resumed_from = step
         print(f"[{stage}] resumed at step {step}", file=sys.stderr)
-    else:
+    elif dist.is_main():
         best_path.unlink(missing_ok=True)  # a best.pt from another run must not be published as ours
 
     def save_last() -> None:
-        atomic_torch_save({
-            "fingerprint": fingerprint, "model_config": model_config, "step": step,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "optimizer_name": cfg.optimizer, "scheduler": scheduler.state_dict(), "rng": rng_state(),
-            "best_val": best_val, "best_step": best_step, "bad_evals": bad_evals, "history": history,
-        }, last_path)
+        # Every rank takes part (FSDP gathers the shards, the random states are gathered); rank 0 writes.
+        state = {"model": dist.model_state(model), "optimizer": dist.optimizer_state(model, optimizer),
+                 "rng": rng_state()}
+        rng_ranks = dist.rng_states(state["rng"])
+        if dist.is_main():
+            atomic_torch_save({
+                "fingerprint": fingerprint, "model_config": model_config, "step": step, **state,
+                "optimizer_name": cfg.optimizer, "scheduler": scheduler.state_dict(), "rng_ranks": rng_ranks,
+                **dist.topology(), "best_val": best_val, "best_step": best_step, "bad_evals": bad_evals,
+                "history": history,
+            }, last_path)
 
     def evaluate() -> dict:
         nonlocal best_val, best_step, bad_evals
         model.eval()
         with torch.no_grad(), autocast(device):
-            metrics = eval_fn(model)
+            metrics = dist.broadcast(eval_fn(model))  # every rank evaluates; rank 0's numbers decide
         model.train()
         val = metrics.get("val_loss")
         improved = val is not None and (best_val is None or val < best_val)
         if improved:
             best_val, best_step, bad_evals = val, step, 0
-            atomic_torch_save({"model": model.state_dict(), "step": step, "val_loss": val}, best_path)
+            weights = dist.model_state(model)
+            if dist.is_main():
+                atomic_torch_save({"model": weights, "step": step, "val_loss": val}, best_path)
         elif val is not None:
             bad_evals += 1
         history.append({"step": step, **metrics})
         if run is not None:
             run.log_metrics(metrics, step)
-        if on_eval is not None:
+        if on_eval is not None and dist.is_main() and dist.strategy() != "fsdp":  # logging only: rank 0
             on_eval(model, step)
         log.line(f"eval at step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         return metrics
@@ -191,10 +210,13 @@ def train(model: torch.nn.Module, *, stage: str, cfg: TrainConfig, model_config:
             optimizer.zero_grad(set_to_none=True)
             totals: dict[str, float] = {}
             for micro in range(cfg.grad_accum_steps):
-                batch = batch_fn(step, micro)
+                batch = dist.shard(batch_fn(step, micro), f"{stage}.batch_size")
+                dist.set_grad_sync(train_model, micro == cfg.grad_accum_steps - 1)
                 with autocast(device), optim_lib.forward_context(optimizer):
-                    loss, metrics = loss_fn(model, batch)
-                if not torch.isfinite(loss):
+                    loss, metrics = loss_fn(train_model, batch)
+                loss = dist.global_mean(loss, metrics.pop("loss_count", None))
+                # Several ranks: a non-finite loss shows in every rank's (reduced) gradient norm below.
+                if dist.world_size() == 1 and not torch.isfinite(loss):
                     raise LmforgeError(
                         f"{stage}: non-finite loss ({loss.item()}) at step {step + 1}; stopped. "
                         f"The last good checkpoint is intact: {last_path if last_path.exists() else 'none yet'}")
@@ -203,9 +225,10 @@ def train(model: torch.nn.Module, *, stage: str, cfg: TrainConfig, model_config:
                 for k, v in metrics.items():
                     scale = 1 if k == "tokens" else 1 / cfg.grad_accum_steps
                     totals[k] = totals.get(k, 0.0) + float(v) * scale
-            grad_norm = torch.nn.utils.clip_grad_norm_(
+            totals = dist.reduce_metrics(totals)
+            grad_norm = dist.item(torch.nn.utils.clip_grad_norm_(
                 [p for p in model.parameters() if p.grad is not None],
-                cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
             if not torch.isfinite(grad_norm):
                 raise LmforgeError(
                     f"{stage}: non-finite gradient norm at step {step + 1}; stopped. "

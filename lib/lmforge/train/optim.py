@@ -18,6 +18,7 @@ adafactor  ``torch.optim.Adafactor``                    1e-2 (relative: scaled b
 lion       ``pytorch_optimizer.Lion``                   3–10× smaller than AdamW
 sophia     ``pytorch_optimizer.SophiaH``                ~6e-2 (per-element step ≤ lr · p, p=1e-2)
 muon       ``pytorch_optimizer.Muon`` (AdamW fallback)  same as AdamW (Moonlight lr scaling)
+adamw8bit  ``bitsandbytes.optim.AdamW8bit`` (CUDA only) same as AdamW (8-bit moments)
 =========  ===========================================  =================================
 
 Sophia estimates the Hessian diagonal from the gradient's graph, so the loop must
@@ -47,7 +48,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lmforge.errors import LmforgeError
 
-OPTIMIZERS = ("adamw", "adafactor", "lion", "sophia", "muon")
+OPTIMIZERS = ("adamw", "adafactor", "lion", "sophia", "muon", "adamw8bit")
 SCHEDULERS = ("none", "cosine", "linear", "polynomial")
 
 # Constructor arguments that build_optimizer sets itself (never through ``extra``).
@@ -210,12 +211,28 @@ def _muon(groups, lr, betas, eps, key, extra) -> torch.optim.Optimizer:
     return Muon(groups, **kwargs)
 
 
+def _adamw8bit(groups, lr, betas, eps, key, extra) -> torch.optim.Optimizer:
+    # AdamW with its two moments stored blockwise in 8 bits (bitsandbytes): 2 bytes of state
+    # per parameter instead of 8. bitsandbytes' kernels are CUDA ones, so CPU is refused here.
+    try:
+        from bitsandbytes.optim import AdamW8bit
+    except ImportError:
+        raise LmforgeError(f"{key}: 'adamw8bit' needs the bitsandbytes package, which is not installed "
+                           f"(pip install bitsandbytes, on a CUDA machine), or use 'adamw'") from None
+    device = groups[0]["params"][0].device
+    if device.type != "cuda":
+        raise LmforgeError(f"{key}: 'adamw8bit' (bitsandbytes) runs on CUDA only, but the model is on "
+                           f"{device}; use 'adamw'")
+    return AdamW8bit(groups, **_options(AdamW8bit, "adamw8bit", key, extra, lr=lr, eps=eps, **_betas(betas)))
+
+
 _BUILDERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adamw": _adamw,
     "adafactor": _adafactor,
     "lion": _lion,
     "sophia": _sophia,
     "muon": _muon,
+    "adamw8bit": _adamw8bit,
 }
 
 
