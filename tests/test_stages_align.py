@@ -8,7 +8,7 @@ from lmforge.checkpoint import read_checkpoint
 from test_workflow import executed, snakemake, write_config
 
 pytestmark = pytest.mark.slow
-ALL = {"tokenizer", "tokenize", "pretrain", "sft", "reward", "score", "dpo", "ppo", "grpo", "evaluate", "all"}
+ALL = {"tokenizer", "tokenize", "pretrain", "sft", "reward", "score", "dpo", "ppo", "grpo", "star", "evaluate", "all"}
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def built(tmp_path_factory):
 def test_all_builds_every_stage(built):
     workdir, first = built
     assert executed(first) == ALL
-    for stage in ("dpo", "ppo", "grpo"):
+    for stage in ("dpo", "ppo", "grpo", "star"):
         ckpt = read_checkpoint(workdir / f"results/{stage}/model.pt")
         assert ckpt["kind"] == "causal_lm" and ckpt["meta"]["stage"] == stage
         assert json.loads((workdir / f"results/{stage}/metrics.json").read_text())["mlflow_run_id"]
@@ -40,9 +40,9 @@ def test_scored_outputs(built):
 def test_report_covers_every_stage(built):
     workdir, _ = built
     table = pd.read_csv(workdir / "results/eval/metrics.csv")
-    assert list(table["stage"]) == ["pretrain", "sft", "dpo", "ppo", "grpo"]
+    assert list(table["stage"]) == ["pretrain", "sft", "dpo", "ppo", "grpo", "star"]
     report = (workdir / "results/eval/report.md").read_text()
-    for stage in ("pretrain", "sft", "dpo", "ppo", "grpo"):
+    for stage in ("pretrain", "sft", "dpo", "ppo", "grpo", "star"):
         assert f"| {stage} " in report
 
 

@@ -1,7 +1,8 @@
 # Alignment of the SFT model: DPO on preference pairs, PPO and GRPO on rollouts.
 ALIGN_CODE = ("model.py", "train/loop.py", "distributed.py", "train/optim.py", "train/policy.py", "train/sft.py",
               "train/reward.py", "generate.py", "rewards.py", "tasks.py", "tokenizer.py", "config.py", "device.py",
-              "data/builtin.py", "data/formats.py", "data/records.py", "checkpoint.py", "stages/common.py", "stages/sft.py")
+              "data/builtin.py", "data/formats.py", "data/records.py", "checkpoint.py", "stages/common.py", "stages/sft.py",
+              "lora.py", "quant.py", "data/sources.py")
 
 
 rule dpo:
