@@ -2,7 +2,6 @@
 double quantization, the quantized modules and a QLoRA training step."""
 import math
 
-import pytest
 import torch
 import torch.nn.functional as F
 

@@ -154,3 +154,23 @@ def test_equal_length_batch_with_a_stop_token_leaves_the_other_rows_alone():
     assert out.tokens == expected and out.tokens[1] == free[1][:3]
     assert len({len(t) for t in expected}) == 3  # the rows really stop at different steps
     assert out.finished == [stop in t for t in expected]
+
+
+@pytest.mark.slow
+def test_compiled_trunk_gives_the_eager_loss_and_gradients_and_leaves_decoding_eager(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    eager, compiled = tiny_model(), tiny_model()
+    compiled.torch_compile = True
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randint(0, 61, (2, 16), generator=g), torch.randint(0, 61, (2, 16), generator=g)
+    losses = []
+    for model in (eager, compiled):
+        loss, _ = lm_loss(model, (x, y))
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(compiled.parameters(), eager.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+    prompts = [[1, 2, 3], [4, 5, 6]]
+    assert (generate(compiled, prompts, max_new_tokens=5, temperature=0).tokens
+            == generate(eager, prompts, max_new_tokens=5, temperature=0).tokens)

@@ -25,7 +25,7 @@ its wrapper renames every key (``base_model.model.…``) and moves attribute
 access behind ``__getattr__``; its 4-bit path is bitsandbytes' ``Linear4bit``,
 which is CUDA-first; and its save format (adapter_config.json + safetensors) is
 not our checkpoint, which must carry the base's sha256 and rebuild through
-``load_model``. The part we need is ~200 lines here.
+``load_model``. What we need fits in this one module.
 """
 from __future__ import annotations
 

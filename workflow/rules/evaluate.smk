@@ -22,7 +22,7 @@ rule evaluate:
     params:
         **section("eval"),
         data={"builtin": config["data"]["builtin"]},
-        code=code_version("model.py", "generate.py", "rewards.py", "tasks.py", "tokenizer.py", "train/lm.py",
+        code=code_version("model.py", "lora.py", "quant.py", "generate.py", "rewards.py", "tasks.py", "tokenizer.py", "train/lm.py",
                           "train/policy.py", "data/builtin.py", "evaluate.py", "report.py", "stages/evaluate.py", "stages/common.py",
                           "checkpoint.py"),
     threads: threads_for("evaluate")

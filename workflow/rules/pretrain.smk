@@ -9,7 +9,7 @@ rule pretrain:
         metrics="results/pretrain/metrics.json",
     params:
         **section("model", "pretrain"),
-        code=code_version("model.py", "train/loop.py", "distributed.py", "train/lm.py", "train/optim.py", "stages/pretrain.py", "checkpoint.py",
+        code=code_version("model.py", "lora.py", "quant.py", "train/loop.py", "distributed.py", "train/lm.py", "train/optim.py", "stages/pretrain.py", "checkpoint.py",
                           *(["hf.py"] if config["model"]["init_from"] else [])),
     threads: threads_for("pretrain")
     resources:

@@ -9,7 +9,7 @@ rule reward:
     params:
         **section("reward"),
         data={"builtin": config["data"]["builtin"]},
-        code=code_version("model.py", "train/loop.py", "distributed.py", "train/reward.py", "train/sft.py", "train/optim.py",
+        code=code_version("model.py", "lora.py", "quant.py", "train/loop.py", "distributed.py", "train/reward.py", "train/sft.py", "train/optim.py",
                           "data/builtin.py", "data/formats.py", "data/records.py", "tokenizer.py",
                           "stages/reward.py", "checkpoint.py"),
     threads: threads_for("reward")

@@ -10,7 +10,7 @@ rule score:
     params:
         **section("score"),
         data={"builtin": config["data"]["builtin"]},
-        code=code_version("model.py", "generate.py", "rewards.py", "tasks.py", "tokenizer.py", "data/builtin.py",
+        code=code_version("model.py", "lora.py", "quant.py", "generate.py", "rewards.py", "tasks.py", "tokenizer.py", "data/builtin.py",
                           "data/formats.py", "data/records.py", "stages/score.py", "checkpoint.py"),
     threads: threads_for("score")
     resources:

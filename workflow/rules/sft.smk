@@ -9,7 +9,7 @@ rule sft:
     params:
         **section("sft"),
         data={"builtin": config["data"]["builtin"]},
-        code=code_version("model.py", "train/loop.py", "distributed.py", "train/sft.py", "train/optim.py", "data/builtin.py",
+        code=code_version("model.py", "lora.py", "quant.py", "train/loop.py", "distributed.py", "train/sft.py", "train/optim.py", "data/builtin.py",
                           "data/formats.py", "data/records.py", "tokenizer.py", "generate.py", "tasks.py",
                           "stages/sft.py", "checkpoint.py"),
     threads: threads_for("sft")
