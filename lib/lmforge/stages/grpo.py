@@ -53,12 +53,12 @@ def heldout_metrics(model, tok, records: list[dict]) -> dict:
             "dismissive_rate": sum(is_dismissive(s) for s in responses) / n}
 
 
-def train_prompts(params: dict, inputs: dict, task_data: dict) -> tuple[list[dict], str]:
-    """(prompt records, where they came from) for the configured data."""
-    source = inputs.get("data") or params["grpo"]["data"]
+def train_prompts(params: dict, inputs: dict, task_data: dict, stage: str = "grpo") -> tuple[list[dict], str]:
+    """(prompt records, where they came from) for ``<stage>.data``: a file, a hub spec, or the builtin RL split."""
+    source = inputs.get("data") or params[stage]["data"]
     if source is None:
-        return load_prompts(task_data["rl_train"], key="grpo.data", name="builtin:rl_train"), "builtin:rl_train"
-    return load_prompts(source, key="grpo.data"), str(source)
+        return load_prompts(task_data["rl_train"], key=f"{stage}.data", name="builtin:rl_train"), "builtin:rl_train"
+    return load_prompts(source, key=f"{stage}.data"), str(source)
 
 
 def run(params: dict, inputs: dict, outputs: dict, env) -> dict:

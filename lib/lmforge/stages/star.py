@@ -35,7 +35,7 @@ from lmforge.data.formats import load_prompts
 from lmforge.device import autocast
 from lmforge.errors import LmforgeError
 from lmforge.stages.common import memory_options, publish, setup
-from lmforge.stages.grpo import fitting_prompts, heldout_metrics
+from lmforge.stages.grpo import fitting_prompts, heldout_metrics, train_prompts
 from lmforge.stages.sft import N_SAMPLES, greedy_responses
 from lmforge.train.loop import final_weights, train
 from lmforge.train.rollout import prompt_stream, sample_rollout
@@ -53,14 +53,6 @@ class RoundRun:
         self.run.log_metrics(metrics, step + self.offset)
 
 
-def train_prompts(params: dict, inputs: dict, task_data: dict) -> tuple[list[dict], str]:
-    """(prompt records, where they came from) for the configured data."""
-    source = inputs.get("data") or params["star"]["data"]
-    if source is None:
-        return load_prompts(task_data["rl_train"], key="star.data", name="builtin:rl_train"), "builtin:rl_train"
-    return load_prompts(source, key="star.data"), str(source)
-
-
 def samples_digest(samples: list[dict]) -> str:
     """Identity of a training set, for the resume fingerprint of the round that trains on it."""
     text = json.dumps([[s["prompt"], s["response"]] for s in samples], sort_keys=True)
@@ -75,7 +67,7 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
 
     # ---- data: checked before any model is loaded ---------------------------------
     task_data = make_task_data(params["data"]["builtin"], params["seed"])
-    records, source = train_prompts(params, inputs, task_data)
+    records, source = train_prompts(params, inputs, task_data, "star")
     require_answers(records, source, key="star.data")
 
     model, tok, ckpt = load_model(inputs["policy"], device=device)
