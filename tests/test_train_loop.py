@@ -125,3 +125,23 @@ def test_early_stopping(tokens, tmp_path):
 def test_resume_missing_checkpoint(tokens, tmp_path):
     with pytest.raises(LmforgeError, match="pretrain.resume_from.*not found"):
         run(tokens, tmp_path / "ck", resume_from=str(tmp_path / "nope.pt"))
+
+
+def test_threads_default_to_the_slurm_allocation_or_the_cpu_affinity(monkeypatch):
+    import os
+
+    from lmforge.device import available_cores, set_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+        assert available_cores() == 1
+        set_threads(None)
+        assert torch.get_num_threads() == 1
+        monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+        assert available_cores() == len(os.sched_getaffinity(0))
+        set_threads(3)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

@@ -30,11 +30,21 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+def available_cores() -> int:
+    """The cores this process may use: a SLURM job's allocation or the CPU affinity, not the whole node."""
+    if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        return max(1, int(os.environ["SLURM_CPUS_PER_TASK"]))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def set_threads(n: int | None) -> None:
     if n:
         torch.set_num_threads(n)
     elif "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        torch.set_num_threads(available_cores())
 
 
 def seed_everything(seed: int) -> None:
