@@ -21,12 +21,19 @@ import torch
 from lmforge.generate import generate
 from lmforge.model import ModelConfig, Transformer
 
+try:
+    from lmforge.hf import to_hf_state_dict
+except ImportError:  # a checkout from before the export module (to time the old code)
+    def to_hf_state_dict(model: Transformer) -> dict:
+        """Llama's names are ours with ``model.`` before the trunk's."""
+        return {(k if k.startswith("lm_head.") else "model." + k): v for k, v in model.state_dict().items()}
+
 CFG = dict(vocab_size=8192, d_model=256, n_layers=4, n_heads=8, n_kv_heads=2, d_ff=688, max_seq_len=256,
            attention_type="gqa", tie_embeddings=True)
 
 
 def hf_copy(model: Transformer):
-    """A LlamaForCausalLM with our weights: Llama's names are ours with ``model.`` before the trunk's."""
+    """A LlamaForCausalLM (SDPA attention) with our weights."""
     import transformers
 
     cfg = model.cfg
@@ -38,8 +45,9 @@ def hf_copy(model: Transformer):
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
     hf_cfg._attn_implementation = "sdpa"
     hf = transformers.LlamaForCausalLM(hf_cfg)
-    state = {(k if k.startswith("lm_head.") else "model." + k): v for k, v in model.state_dict().items()}
-    hf.load_state_dict(state, strict=True)
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(model), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # lm_head: tied
+    hf.tie_weights()
     # No early stop: generation runs exactly max_new_tokens.
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.generate import generate
-from lmforge.model import ModelConfig, Transformer
+from lmforge.model import KVCache, ModelConfig, Transformer
 from lmforge.train.lm import linear_cross_entropy, lm_loss, next_token_loss
 
 N, D, V = 45, 16, 37
@@ -154,6 +154,35 @@ def test_equal_length_batch_with_a_stop_token_leaves_the_other_rows_alone():
     assert out.tokens == expected and out.tokens[1] == free[1][:3]
     assert len({len(t) for t in expected}) == 3  # the rows really stop at different steps
     assert out.finished == [stop in t for t in expected]
+
+
+@pytest.mark.parametrize("wrapped", ["q_proj", "up_proj", None])
+def test_decoding_with_fused_projections_equals_the_module_path(wrapped, monkeypatch):
+    """Decoding concatenates q/k/v and gate/up weights, unless a layer is not a plain nn.Linear (an adapter)."""
+
+    class Shifted(nn.Module):  # an adapter-like replacement: its own forward must run
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x) + 0.5
+
+    model = sharp_model()
+    with torch.no_grad():
+        model.layers[0].self_attn.q_proj.bias = nn.Parameter(torch.randn(32))  # a bias is concatenated too
+    if wrapped:
+        parent = model.layers[1].self_attn if wrapped == "q_proj" else model.layers[1].mlp
+        setattr(parent, wrapped, Shifted(getattr(parent, wrapped)))
+    fused = set()
+    original = KVCache.fused
+    monkeypatch.setattr(KVCache, "fused", lambda cache, *ls: fused.add(id(ls[0])) or original(cache, *ls))
+    prompts = [[5, 9, 2, 7], [7, 1, 4, 4]]
+    out = generate(model, prompts, max_new_tokens=10, temperature=0)
+    assert out.tokens == [ref_greedy(model, p, 10) for p in prompts]
+    assert len(fused) == (3 if wrapped else 4)  # 2 layers x (q/k/v, gate/up), less the wrapped one
+    single = generate(model, prompts[:1], max_new_tokens=10, temperature=0)  # one row: the matrix-vector path
+    assert single.tokens == out.tokens[:1]
 
 
 @pytest.mark.slow

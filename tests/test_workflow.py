@@ -61,7 +61,9 @@ def test_first_run_builds_every_stage(built):
     assert metrics["val_loss"] < 5.8  # below log(320) = 5.77 +: the model learned something
     meta = json.loads((workdir / "results/data/pretrain/meta.json").read_text())
     assert meta["dtype"] == "uint16" and meta["train_tokens"] > 0
-    assert (workdir / "results/logs/pretrain.log").read_text().count("parameters") == 1
+    log = (workdir / "results/logs/pretrain.log").read_text()
+    assert log.count("pretrain: model has") == 1  # the stage's own lines, once each
+    assert log.count("[pretrain] flops/token") == 1 and "[pretrain] memory" in log  # the estimate at start
 
 
 def test_second_run_does_nothing(built):

@@ -87,6 +87,7 @@ def _budgets(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
     return budgets
 
 
+@torch.inference_mode()  # lighter than no_grad per op; what is yielded is only read (stacked, compared)
 def _decode(model: Transformer, prompts: Sequence[Sequence[int]], budgets: list[int], *, temperature: float,
             top_k: int, top_p: float, stop_ids: Sequence[int], pad_id: int,
             generator: torch.Generator | None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
