@@ -6,8 +6,8 @@ Config (the reference peer setup): vocab 8192, d 256, 4 layers, 8 heads / 2 kv
 heads, ffn 688, tied embeddings, batch 8 x 256, AdamW, fp32. A step is forward,
 loss, backward, AdamW step, zero_grad(set_to_none). Ours is the library's own
 step: ``lm_loss`` (fused linear cross-entropy) and ``build_optimizer("adamw")``
-(fused AdamW). Theirs is logits -> F.cross_entropy -> fused AdamW (cheaper than
-transformers' own ``labels=`` path, which also copies shifted fp32 logits).
+(fused AdamW). Theirs is logits -> F.cross_entropy -> fused AdamW, with the
+same AdamW settings.
 The contestants take turns step by step so machine noise hits all alike; we
 report the median step after warm-up, and MFU = 6 * N * tokens/s over this
 machine's fp32 matmul peak, measured in the same run.

@@ -127,13 +127,28 @@ def test_chat_streams_a_reply_and_exits_cleanly_on_ctrl_d(checkpoint):
 
 
 @pytest.mark.slow
+def wait_until_blocked(pid: int, settle: float = 0.5) -> None:
+    """Return once the process has been asleep (state S in /proc/PID/stat) for ``settle`` seconds."""
+    deadline, since = time.monotonic() + TIMEOUT, None
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        now = time.monotonic()
+        since = (since or now) if state == "S" else None
+        if since is not None and now - since >= settle:
+            return
+        time.sleep(0.05)
+    pytest.fail("the chat never blocked waiting for input")
+
+
 def test_chat_exits_cleanly_on_ctrl_c(checkpoint):
     term = Terminal("chat", str(checkpoint), "--temperature", "0")
     term.read_until("you> ")
     term.type(b"half a questi")
     # Let the child get from printing the prompt into its blocking read: a SIGINT that lands
-    # between the two is only noticed when the read returns (CPython's input()).
-    time.sleep(0.5)
+    # between the two is only noticed when the read returns (CPython's input()). On a busy
+    # machine a fixed sleep is not enough: wait until the process sleeps in the kernel.
+    wait_until_blocked(term.pid)
     term.type(b"\x03")  # Ctrl-C: the terminal sends SIGINT
     assert term.wait() == 0
     assert b"Traceback" not in term.out and b"KeyboardInterrupt" not in term.out

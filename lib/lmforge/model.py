@@ -501,8 +501,8 @@ class Transformer(nn.Module):
 
     torch_compile = False
     """True: the training forward (whole sequences, no cache, gradients on) runs through torch.compile.
-    Compiling takes ~15 s on a 2-core CPU and pays after a few hundred steps of a 5M-parameter model;
-    decoding and no-grad evaluation stay eager (their shapes change from call to call)."""
+    On a 2-core CPU compiling takes ~18 s and each step gets ~5 % faster (5M params: 0.43 -> 0.41 s),
+    so it pays after ~900 steps; decoding and no-grad evaluation stay eager (their shapes vary)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

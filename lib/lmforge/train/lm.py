@@ -13,7 +13,7 @@ from lmforge.errors import LmforgeError
 
 # Rows of logits per chunk in linear_cross_entropy: 4M floats (16 MB in fp32) stay in cache
 # while they are turned into a gradient, instead of a (N, V) tensor that streams through memory.
-# (512 rows at V = 8192 measured fastest on a 2-core CPU; 256 and 1024 were 5-10 % slower.)
+# (512 rows at V = 8192 measured fastest on a 2-core CPU; 256 and 1024 rows were ~5 % slower.)
 CHUNK_ELEMENTS = 2**22
 
 
