@@ -150,6 +150,14 @@ def test_chat_exits_cleanly_on_ctrl_c(checkpoint):
     # machine a fixed sleep is not enough: wait until the process sleeps in the kernel.
     wait_until_blocked(term.pid)
     term.type(b"\x03")  # Ctrl-C: the terminal sends SIGINT
+    # CPython can still miss a SIGINT that arrives just before readline's select(); a user then
+    # presses Ctrl-C again. One retry; the exit must still be clean.
+    for _ in range(50):
+        if os.waitid(os.P_PID, term.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
+            break
+        time.sleep(0.1)
+    else:
+        term.type(b"\x03")
     assert term.wait() == 0
     assert b"Traceback" not in term.out and b"KeyboardInterrupt" not in term.out
 
