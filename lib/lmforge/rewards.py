@@ -22,6 +22,14 @@ from lmforge.errors import LmforgeError
 from lmforge.tasks import is_correct
 
 
+def unanswered(records: Sequence[dict]) -> tuple[int, str] | None:
+    """(how many prompts lack a reference answer, where the first is), or None when all have one."""
+    missing = [i for i, r in enumerate(records) if r.get("answer") is None]
+    if not missing:
+        return None
+    return len(missing), records[missing[0]].get("where", f"prompt {missing[0]}")
+
+
 @dataclass
 class RewardSpec:
     rm: float = 0.0
@@ -43,11 +51,11 @@ class RewardSpec:
         """The verifiable reward needs a reference answer on every prompt."""
         if self.verifiable <= 0:
             return
-        missing = [i for i, r in enumerate(records) if r.get("answer") is None]
+        missing = unanswered(records)
         if missing:
             raise LmforgeError(
-                f"config key '{key}.verifiable' is {self.verifiable}, but {len(missing)} of {len(records)} prompts "
-                f"in {source} have no reference answer (first: {records[missing[0]].get('where', f'prompt {missing[0]}')})"
+                f"config key '{key}.verifiable' is {self.verifiable}, but {missing[0]} of {len(records)} prompts "
+                f"in {source} have no reference answer (first: {missing[1]})"
                 f"; give every prompt an 'answer' or set '{key}.verifiable: 0'")
 
 

@@ -61,6 +61,21 @@ def train_prompts(params: dict, inputs: dict, task_data: dict, stage: str = "grp
     return load_prompts(source, key=f"{stage}.data"), str(source)
 
 
+def policy_and_prompts(stage: str, section: dict, inputs: dict, records: list[dict], source: str,
+                       task_data: dict, device):
+    """(policy, tokenizer, checkpoint, training prompts, held-out prompts) of an RL-on-prompts stage:
+    the policy with the section's memory options, and the prompts that leave room for a response."""
+    model, tok, ckpt = load_model(inputs["policy"], device=device)
+    memory_options(model, section, stage)
+    seq = ckpt["model_config"]["max_seq_len"]
+    prompts = fitting_prompts(records, tok, seq)
+    if not prompts:
+        raise LmforgeError(f"{stage}.data: no prompt in {source} leaves room for a response within "
+                           f"model.max_seq_len ({seq})")
+    heldout = fitting_prompts(load_prompts(task_data["rl_val"], key=stage, name="builtin:rl_val"), tok, seq)
+    return model, tok, ckpt, prompts, heldout
+
+
 def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
     device = setup(env, params["seed"])
     section = params["grpo"]
@@ -74,15 +89,9 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
     records, source = train_prompts(params, inputs, task_data)
     spec.check_prompts(records, source, key="grpo.reward_fn")
 
-    model, tok, ckpt = load_model(inputs["policy"], device=device)
-    memory_options(model, section, "grpo")
+    model, tok, ckpt, prompts, heldout = policy_and_prompts("grpo", section, inputs, records, source, task_data,
+                                                             device)
     mcfg = ckpt["model_config"]
-    seq = mcfg["max_seq_len"]
-    prompts = fitting_prompts(records, tok, seq)
-    if not prompts:
-        raise LmforgeError(f"grpo.data: no prompt in {source} leaves room for a response within "
-                           f"model.max_seq_len ({seq})")
-    heldout = fitting_prompts(load_prompts(task_data["rl_val"], key="grpo", name="builtin:rl_val"), tok, seq)
     val_records = heldout[:VAL_PROMPTS]
 
     # ---- frozen models: only those the config asks for -----------------------------

@@ -28,14 +28,12 @@ import time
 
 import torch
 
-from lmforge.checkpoint import file_sha256, load_model
+from lmforge.checkpoint import file_sha256
 from lmforge.config import TrainConfig
 from lmforge.data.builtin import make_task_data
-from lmforge.data.formats import load_prompts
 from lmforge.device import autocast
-from lmforge.errors import LmforgeError
-from lmforge.stages.common import memory_options, publish, setup
-from lmforge.stages.grpo import fitting_prompts, heldout_metrics, train_prompts
+from lmforge.stages.common import publish, setup
+from lmforge.stages.grpo import heldout_metrics, policy_and_prompts, train_prompts
 from lmforge.stages.sft import N_SAMPLES, greedy_responses
 from lmforge.train.loop import final_weights, train
 from lmforge.train.rollout import prompt_stream, sample_rollout
@@ -70,15 +68,10 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
     records, source = train_prompts(params, inputs, task_data, "star")
     require_answers(records, source, key="star.data")
 
-    model, tok, ckpt = load_model(inputs["policy"], device=device)
-    memory_options(model, section, "star")  # gradient_checkpointing
+    model, tok, ckpt, prompts, heldout = policy_and_prompts("star", section, inputs, records, source, task_data,
+                                                             device)
     mcfg = ckpt["model_config"]
     seq = mcfg["max_seq_len"]
-    prompts = fitting_prompts(records, tok, seq)
-    if not prompts:
-        raise LmforgeError(f"star.data: no prompt in {source} leaves room for a response within "
-                           f"model.max_seq_len ({seq})")
-    heldout = fitting_prompts(load_prompts(task_data["rl_val"], key="star", name="builtin:rl_val"), tok, seq)
     # Every round restarts from these weights (STaR retrains from the initial model each iteration).
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}
     stream = prompt_stream(prompts, cfg.n_prompts, params["seed"])

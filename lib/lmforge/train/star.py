@@ -23,6 +23,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
 from lmforge.errors import LmforgeError
+from lmforge.rewards import unanswered
 from lmforge.tasks import is_correct
 
 
@@ -57,11 +58,10 @@ class StarConfig:
 
 def require_answers(records: Sequence[dict], source: str, key: str) -> None:
     """Every prompt needs a reference answer: a sample is kept only when it is verified correct."""
-    missing = [i for i, r in enumerate(records) if r.get("answer") is None]
+    missing = unanswered(records)
     if missing:
-        first = records[missing[0]].get("where", f"prompt {missing[0]}")
-        raise LmforgeError(f"{key}: {len(missing)} of {len(records)} prompts in {source} have no reference answer "
-                           f"(first: {first}); STaR keeps only samples verified against the answer, so give "
+        raise LmforgeError(f"{key}: {missing[0]} of {len(records)} prompts in {source} have no reference answer "
+                           f"(first: {missing[1]}); STaR keeps only samples verified against the answer, so give "
                            f"every prompt an 'answer'")
 
 
