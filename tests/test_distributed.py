@@ -85,6 +85,8 @@ def test_nproc_comes_from_distributed_then_the_rules_gpus():
     assert distributed.settings(per_rule, "dpo")["nproc"] == 1
     gpus = {"resources": {"default": {"gpu": None}, "pretrain": {"gpu": 8}}}
     assert distributed.settings(gpus, "pretrain")["nproc"] == 8 and distributed.settings(gpus, "sft")["nproc"] == 1
+    # Only pretrain, sft and dpo can run under torchrun; the other rules stay one process.
+    assert distributed.settings({"distributed": {"nproc": 2}, "resources": {"ppo": {"gpu": 2}}}, "ppo")["nproc"] == 1
     with pytest.raises(LmforgeError, match="distributed.nproc"):
         distributed.settings({"distributed": {"nproc": 0}}, "sft")
     with pytest.raises(LmforgeError, match="'distributed.strategy': 'zero'"):

@@ -46,13 +46,9 @@ STAGES = {
 }
 
 
-MULTI_PROCESS = ("pretrain", "sft", "dpo")  # the stages whose rules launch torchrun
-
-
 def cmd_run(args) -> None:
-    import importlib
-
     from lmforge.config import load_config
+    from lmforge.distributed import launch, settings
     from lmforge.workflow import StageEnv, config_sections, optional_inputs
 
     config = load_config(args.config)
@@ -66,12 +62,8 @@ def cmd_run(args) -> None:
     if args.stage == "tokenizer":  # an imported model brings its own tokenizer (as the rule's params)
         params["init_from"] = config["model"]["init_from"]
     env = StageEnv.from_config(args.stage, config)
-    if args.stage in MULTI_PROCESS:  # several processes under torchrun when the config asks for them
-        from lmforge.distributed import launch, settings
-
-        launch(args.stage, params, inputs, outputs, env, **settings(config, args.stage))
-    else:
-        importlib.import_module(f"lmforge.stages.{args.stage}").run(params, inputs, outputs, env)
+    # In this process, or under torchrun when the config asks a training stage for several processes.
+    launch(args.stage, params, inputs, outputs, env, **settings(config, args.stage))
 
 
 def _sampling(args) -> dict:

@@ -403,13 +403,19 @@ def check_resume(state: dict, path, stage: str) -> None:
 # --------------------------------------------------------------------------- launch
 
 
+MULTI_PROCESS = ("pretrain", "sft", "dpo")  # the stages that can train under torchrun
+
+
 def settings(config: dict, rule: str) -> dict:
-    """``nproc`` and ``strategy`` of a training rule, from the config (execution settings, never params).
+    """``nproc`` and ``strategy`` of a rule, from the config (execution settings, never params);
+    nproc is always 1 for a rule outside MULTI_PROCESS.
 
     nproc: ``distributed.nproc`` (a number, or a mapping rule -> number), else
     the rule's GPU count (``resources.<rule>.gpu``, else ``resources.default.gpu``), else 1.
     """
     section = config.get("distributed") or {}
+    if rule not in MULTI_PROCESS:
+        return {"nproc": 1, "strategy": section.get("strategy", "ddp")}
     nproc = section.get("nproc")
     if isinstance(nproc, dict):
         nproc = nproc.get(rule)

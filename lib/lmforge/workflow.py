@@ -124,8 +124,9 @@ def optional_inputs(config: dict, stage: str) -> dict:
         inputs["reference"] = os.path.abspath(cfg["reference"])
     from lmforge.data.sources import data_file
 
-    if data_file(cfg.get("data"), f"{stage}.data"):  # a local file; hub data is not a file input
-        inputs["data"] = os.path.abspath(data_file(cfg["data"], f"{stage}.data"))
+    local = data_file(cfg.get("data"), f"{stage}.data")  # None for hub data: not a file input
+    if local:
+        inputs["data"] = os.path.abspath(local)
     if (cfg.get("reward_fn") or {}).get("rm", 0) > 0:
         inputs["reward_model"] = REWARD_MODEL
     if cfg.get("on_policy"):

@@ -2,7 +2,6 @@
 # through params:, so Snakemake reruns exactly what a change makes stale.
 import shutil
 
-from lmforge.cli import MULTI_PROCESS
 from lmforge.config import check_config
 from lmforge.distributed import settings as distributed_settings
 from lmforge.errors import LmforgeError
@@ -31,10 +30,7 @@ def resources_for(name):
 
 def threads_for(name):
     """Threads of one rule (resources.*.cpus_per_task, default 1), at least one per process it starts."""
-    threads = _rule_resources(name).get("cpus_per_task", 1)
-    if name in MULTI_PROCESS:
-        threads = max(threads, distributed_settings(config, name)["nproc"])
-    return threads
+    return max(_rule_resources(name).get("cpus_per_task", 1), distributed_settings(config, name)["nproc"])
 
 
 onstart:
