@@ -36,6 +36,14 @@ def memory_options(model, section: dict, key: str):
     return model
 
 
+def load_trainable(path, section: dict, key: str, device="cpu"):
+    """``load_model(path)`` with the section's memory options applied: (model, tokenizer, checkpoint)."""
+    from lmforge.checkpoint import load_model
+
+    model, tok, ckpt = load_model(path, device=device)
+    return memory_options(model, section, key), tok, ckpt
+
+
 def log_estimate(stage: str, model_config, section: dict, device, *, fused_loss: bool = True) -> None:
     """Print the model's size, training memory, FLOPs and expected time (``lmforge.estimate``) to stderr,
     the rule's log, as a stage starts; ``section`` is the stage's config section (batch, steps, optimizer).

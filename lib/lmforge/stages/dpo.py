@@ -16,12 +16,12 @@ import time
 import torch
 
 from lmforge import distributed as dist
-from lmforge.checkpoint import file_sha256, load_model
+from lmforge.checkpoint import file_sha256
 from lmforge.data.builtin import make_task_data
 from lmforge.data.formats import load_preferences
 from lmforge.data.sources import data_fingerprint
 from lmforge.errors import LmforgeError
-from lmforge.stages.common import memory_options, publish, run_summary, setup
+from lmforge.stages.common import load_trainable, publish, run_summary, setup
 from lmforge.stages.reward import builtin_pairs, fitting
 from lmforge.stages.sft import N_SAMPLES, greedy_responses, sample_logger
 from lmforge.train.dpo import (DPOBatches, check_section, dpo_loss, dpo_stats, encode_dpo_pairs, evaluate_dpo,
@@ -68,8 +68,8 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
     tcfg = minibatch_config(section, key="dpo")
     dist.check_batch(tcfg.batch_size, "dpo.mini_batch_size" if section.get("mini_batch_size") else "dpo.batch_size")
     loss_kw = dict(beta=beta, loss_type=section["loss_type"], label_smoothing=section["label_smoothing"])
-    policy, tok, ckpt = load_model(inputs["policy"], device=device)
-    memory_options(policy, section, "dpo")  # LoRA: the policy starts as the base exactly (B = 0)
+    # LoRA: the policy starts as the base exactly (B = 0)
+    policy, tok, ckpt = load_trainable(inputs["policy"], section, "dpo", device)
     mcfg = ckpt["model_config"]
     reference = inputs.get("reference")
     ref_model = load_reference(reference, inputs["policy"], ckpt, device=device, key="dpo.reference") if reference else None
@@ -120,8 +120,7 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
         wall = time.perf_counter() - t0
         if not dist.is_main():
             return {}  # under torchrun rank 0 alone evaluates and publishes
-        policy = dist.unwrap(policy, lambda: memory_options(load_model(inputs["policy"], device=device)[0], section,
-                                                            "dpo"))
+        policy = dist.unwrap(policy, lambda: load_trainable(inputs["policy"], section, "dpo", device)[0])
         policy.load_state_dict(final_weights(result, tcfg))
         policy.eval()
         with torch.no_grad():

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from lmforge.checkpoint import file_sha256, load_model
+from lmforge.checkpoint import file_sha256
 from lmforge.config import TrainConfig
 from lmforge.data.builtin import make_task_data
 from lmforge.data.formats import load_prompts
@@ -25,7 +25,7 @@ from lmforge.device import autocast
 from lmforge.errors import LmforgeError
 from lmforge.lora import BaseView, has_adapters
 from lmforge.rewards import RewardFunction, RewardSpec
-from lmforge.stages.common import memory_options, publish, run_summary, setup
+from lmforge.stages.common import load_trainable, publish, run_summary, setup
 from lmforge.stages.sft import N_SAMPLES, greedy_responses, sample_logger
 from lmforge.tasks import is_correct, is_dismissive
 from lmforge.train.grpo import GRPOConfig, grpo_loss, make_rollout
@@ -65,8 +65,7 @@ def policy_and_prompts(stage: str, section: dict, inputs: dict, records: list[di
                        task_data: dict, device):
     """(policy, tokenizer, checkpoint, training prompts, held-out prompts) of an RL-on-prompts stage:
     the policy with the section's memory options, and the prompts that leave room for a response."""
-    model, tok, ckpt = load_model(inputs["policy"], device=device)
-    memory_options(model, section, stage)
+    model, tok, ckpt = load_trainable(inputs["policy"], section, stage, device)
     seq = ckpt["model_config"]["max_seq_len"]
     prompts = fitting_prompts(records, tok, seq)
     if not prompts:

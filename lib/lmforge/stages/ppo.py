@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from lmforge.checkpoint import file_sha256, load_model
+from lmforge.checkpoint import file_sha256
 from lmforge.config import TrainConfig
 from lmforge.data.builtin import make_task_data
 from lmforge.data.formats import load_prompts
@@ -29,7 +29,7 @@ from lmforge.device import autocast
 from lmforge.errors import LmforgeError
 from lmforge.lora import BaseView, has_adapters
 from lmforge.rewards import RewardFunction, RewardSpec
-from lmforge.stages.common import memory_options, publish, run_summary, setup
+from lmforge.stages.common import load_trainable, publish, run_summary, setup
 from lmforge.tasks import is_correct
 from lmforge.train.loop import final_weights, train
 from lmforge.train.policy import load_reference, token_logprobs
@@ -119,8 +119,8 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
     tcfg, n_minibatches = train_config(section)
     s = PPOSettings.from_section(section)
     spec = RewardSpec.from_dict(section["reward_fn"], key="ppo.reward_fn")
-    policy, tok, ckpt = load_model(inputs["policy"], device=device)
-    memory_options(policy, section, "ppo")  # before the critic copies the policy: it gets adapters too
+    # before the critic copies the policy: it gets adapters too
+    policy, tok, ckpt = load_trainable(inputs["policy"], section, "ppo", device)
     mcfg = ckpt["model_config"]
     seq = mcfg["max_seq_len"]
 

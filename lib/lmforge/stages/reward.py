@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import time
 
-from lmforge.checkpoint import file_sha256, load_model
+from lmforge.checkpoint import file_sha256
 from lmforge.config import TrainConfig
 from lmforge.data.builtin import make_task_data
 from lmforge.data.formats import load_preferences
 from lmforge.data.sources import data_fingerprint
-from lmforge.stages.common import memory_options, publish, run_summary, setup
+from lmforge.stages.common import load_trainable, publish, run_summary, setup
 from lmforge.errors import LmforgeError
 from lmforge.model import RewardModel
 from lmforge.train.loop import final_weights, train
@@ -48,8 +48,8 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
     device = setup(env, params["seed"])
     section = params["reward"]
     tcfg = TrainConfig.from_dict(section, key="reward")
-    trunk, tok, ckpt = load_model(inputs["model"])
-    memory_options(trunk, section, "reward")  # before the head: a LoRA reward model trains adapters + head
+    # before the head: a LoRA reward model trains adapters + head
+    trunk, tok, ckpt = load_trainable(inputs["model"], section, "reward")
     mcfg = ckpt["model_config"]
     model = RewardModel(trunk).to(device)  # the score head is fresh; everything else is the SFT model
     seq = mcfg["max_seq_len"]

@@ -14,12 +14,12 @@ import time
 import torch
 
 from lmforge import distributed as dist
-from lmforge.checkpoint import file_sha256, load_model
+from lmforge.checkpoint import file_sha256
 from lmforge.config import TrainConfig
 from lmforge.data.builtin import make_task_data
 from lmforge.data.formats import load_sft
 from lmforge.data.sources import data_fingerprint
-from lmforge.stages.common import memory_options, publish, run_summary, setup
+from lmforge.stages.common import load_trainable, publish, run_summary, setup
 from lmforge.errors import LmforgeError
 from lmforge.generate import generate
 from lmforge.model import Transformer
@@ -91,8 +91,7 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
     device = setup(env, params["seed"])
     section = params["sft"]
     tcfg = TrainConfig.from_dict(section, key="sft")
-    model, tok, ckpt = load_model(inputs["model"], device=device)
-    memory_options(model, section, "sft")
+    model, tok, ckpt = load_trainable(inputs["model"], section, "sft", device)
     mcfg = ckpt["model_config"]
     seq = mcfg["max_seq_len"]
 
@@ -131,8 +130,7 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
         wall = time.perf_counter() - t0
         if not dist.is_main():
             return {}  # under torchrun rank 0 alone evaluates and publishes
-        model = dist.unwrap(model, lambda: memory_options(load_model(inputs["model"], device=device)[0], section,
-                                                          "sft"))
+        model = dist.unwrap(model, lambda: load_trainable(inputs["model"], section, "sft", device)[0])
         model.load_state_dict(final_weights(result, tcfg))
         model.eval()
         final = evaluate_sft(model, val_batches)
