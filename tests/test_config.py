@@ -174,3 +174,14 @@ def test_dpo_beta_alias(section, expected):
     from lmforge.train.dpo import resolve_beta
 
     assert resolve_beta(check_config({"dpo": section})["dpo"]) == expected
+
+
+@pytest.mark.parametrize("lora,message", [
+    ({"r": 0}, r"config key 'sft.lora.r': 0 is less than the minimum of 1"),
+    ({"rr": 1}, r"unknown config key\(s\) 'rr' in 'sft.lora'"),
+    (3, r"config key 'sft.lora': expected one of \['null', 'object'\], got 3"),
+])
+def test_a_nullable_section_reports_the_objects_own_complaint(lora, message):
+    with pytest.raises(LmforgeError, match=message):
+        apply_schema({"sft": {"lora": lora}})
+    assert apply_schema({"sft": {"lora": None}})["sft"]["lora"] is None

@@ -294,3 +294,10 @@ def test_mixed_pairs_repeat_the_on_policy_ones_to_their_share():
     mixed = stage.mix(static, on_policy, 0.35)  # 0.35/0.65 * 300/20 = 8.08 -> 8 repeats
     assert len(mixed) == 300 + 160 and mixed[:300] == static and mixed[300:] == on_policy * 8
     assert len(stage.mix(static, on_policy, 0.01)) == 320  # never fewer than one copy
+
+
+@pytest.mark.parametrize("on_policy", [True, "mixed"])
+def test_on_policy_pairs_without_the_scored_file_is_an_error(tmp_path, tok, on_policy):
+    sft = save_lm(tmp_path / "sft.pt", tiny_model(tok, seed=4), tok)
+    with pytest.raises(LmforgeError, match=rf"^config key 'dpo.on_policy' is {on_policy}, but no scored pairs file"):
+        run_stage(tmp_path, {"policy": sft}, on_policy=on_policy)
