@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from lmforge.errors import LmforgeError
@@ -103,6 +104,9 @@ def cmd_chat(args) -> None:
     from lmforge.checkpoint import load_model
     from lmforge.generate import stream
 
+    # A process started in the background of a non-interactive shell (make, CI, nohup) inherits
+    # SIGINT ignored, and Python then never raises KeyboardInterrupt: Ctrl-C must always quit a chat.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         model, tok, _ = load_model(args.checkpoint)
         gen = torch.Generator().manual_seed(args.seed)
