@@ -21,7 +21,7 @@ from lmforge.stages import grpo as grpo_stage
 from lmforge.stages import ppo as ppo_stage
 from lmforge.stages import reward as reward_stage
 from lmforge.stages import sft as sft_stage
-from lmforge.stages.common import memory_options
+from lmforge.stages.common import training_options
 from lmforge.tokenizer import LMTokenizer
 from lmforge.train.optim import build_optimizer
 from lmforge.workflow import StageEnv
@@ -324,7 +324,7 @@ def test_gradient_checkpointing_leaves_gradients_unchanged(lora, monkeypatch):
     monkeypatch.setattr(model_lib, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
     grads = []
     for flag in (False, True):
-        model = memory_options(tiny(dropout=0.1), {"lora": lora, "gradient_checkpointing": flag}, "sft")
+        model = training_options(tiny(dropout=0.1), {"lora": lora, "gradient_checkpointing": flag}, "sft")
         if lora:
             randomize_adapters(model)
         model.train()

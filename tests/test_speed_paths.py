@@ -7,6 +7,7 @@ from torch import nn
 
 from lmforge.generate import generate
 from lmforge.model import KVCache, ModelConfig, Transformer
+from lmforge.stages.common import training_options
 from lmforge.train.lm import linear_cross_entropy, lm_loss, next_token_loss
 
 N, D, V = 45, 16, 37
@@ -188,8 +189,9 @@ def test_decoding_with_fused_projections_equals_the_module_path(wrapped, monkeyp
 @pytest.mark.slow
 def test_compiled_trunk_gives_the_eager_loss_and_gradients_and_leaves_decoding_eager(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    eager, compiled = tiny_model(), tiny_model()
-    compiled.torch_compile = True
+    eager = tiny_model()
+    compiled = training_options(tiny_model(), {"compile": True}, "pretrain")  # the config key's path
+    assert compiled.torch_compile and not eager.torch_compile
     g = torch.Generator().manual_seed(3)
     x, y = torch.randint(0, 61, (2, 16), generator=g), torch.randint(0, 61, (2, 16), generator=g)
     losses = []

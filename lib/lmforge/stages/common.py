@@ -25,23 +25,25 @@ def setup(env, seed: int) -> torch.device:
     return device
 
 
-def memory_options(model, section: dict, key: str):
-    """A stage section's memory options on a freshly loaded Transformer, in place: ``lora`` (LoRA or
-    QLoRA adapters; only they train afterwards) and ``gradient_checkpointing``. Returns the model."""
+def training_options(model, section: dict, key: str):
+    """A stage section's model options on a freshly loaded Transformer, in place: ``lora`` (LoRA or
+    QLoRA adapters; only they train afterwards), ``gradient_checkpointing`` and ``compile`` (the
+    training forward through torch.compile). Returns the model."""
     from lmforge.lora import LoraConfig, apply_lora
 
     if section.get("lora"):
         apply_lora(model, LoraConfig.from_dict(section["lora"], key=f"{key}.lora"), key=f"{key}.lora")
     model.gradient_checkpointing = bool(section.get("gradient_checkpointing", False))
+    model.torch_compile = bool(section.get("compile", False))
     return model
 
 
 def load_trainable(path, section: dict, key: str, device="cpu"):
-    """``load_model(path)`` with the section's memory options applied: (model, tokenizer, checkpoint)."""
+    """``load_model(path)`` with the section's training options applied: (model, tokenizer, checkpoint)."""
     from lmforge.checkpoint import load_model
 
     model, tok, ckpt = load_model(path, device=device)
-    return memory_options(model, section, key), tok, ckpt
+    return training_options(model, section, key), tok, ckpt
 
 
 def log_estimate(stage: str, model_config, section: dict, device, *, fused_loss: bool = True) -> None:

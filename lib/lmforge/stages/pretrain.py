@@ -10,7 +10,7 @@ from lmforge.checkpoint import file_sha256
 from lmforge.config import TrainConfig
 from lmforge.errors import LmforgeError
 from lmforge.model import ModelConfig, Transformer
-from lmforge.stages.common import log_estimate, memory_options, publish, run_summary, setup
+from lmforge.stages.common import log_estimate, training_options, publish, run_summary, setup
 from lmforge.tokenizer import LMTokenizer
 from lmforge.train.lm import TokenWindows, evaluate_lm, lm_loss
 from lmforge.train.loop import TrainResult, final_weights, train
@@ -37,7 +37,7 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
         raise LmforgeError(f"{inputs['meta']}: the token files were made with another tokenizer; rerun the tokenize rule")
     model, mcfg = build_model(params["model"], tok)
     model.to(device)
-    memory_options(model, params["pretrain"], "pretrain")  # gradient_checkpointing (pretrain has no lora key)
+    training_options(model, params["pretrain"], "pretrain")  # gradient_checkpointing, compile (pretrain has no lora key)
     n_params, n_non_emb = model.num_params(), model.num_params(non_embedding=True)
     print(f"pretrain: model has {n_params:,} parameters ({n_non_emb:,} non-embedding) on {device}")
     log_estimate("pretrain", mcfg, params["pretrain"], device)
