@@ -160,6 +160,11 @@ def test_reference_logps_computed_once_per_pair_and_loss_uses_the_cache(tok):
         assert metrics["logps/chosen"] == pytest.approx(lc.mean().item(), abs=1e-4)
         assert metrics["tokens"] == sum(2 * len(examples[i].prompt) + len(examples[i].chosen)
                                         + len(examples[i].rejected) for i in idx)
+        # RPO: plus alpha times the chosen answers' mean per-token NLL.
+        rpo, rpo_metrics = dpo_loss(policy, batch, beta=0.2, rpo_alpha=0.5)
+        nll = torch.tensor([-lc[j].item() / len(examples[i].chosen) for j, i in enumerate(idx)]).mean()
+        assert rpo.item() == pytest.approx(expected.item() + 0.5 * nll.item(), abs=1e-4)
+        assert rpo_metrics["nll_loss"] == pytest.approx(nll.item(), abs=1e-4) and "nll_loss" not in metrics
     assert (ref.calls, ref.rows) == (3, 14)  # training never runs the reference
     # Batches are a pure function of (step, micro).
     again = DPOBatches(examples, table, batch_size=4, pad_id=tok.pad_id, seed=0)

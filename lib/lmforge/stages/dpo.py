@@ -113,7 +113,7 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
 
         t0 = time.perf_counter()
         result = train(policy, stage="dpo", cfg=tcfg, model_config=mcfg, batch_fn=train_batches.batch,
-                       loss_fn=lambda m, b: dpo_loss(m, b, **loss_kw),
+                       loss_fn=lambda m, b: dpo_loss(m, b, **loss_kw, rpo_alpha=section["rpo_alpha"]),
                        eval_fn=lambda m: evaluate_dpo(m, val_batches, **loss_kw),
                        ckpt_dir=env.ckpt_dir, device=device, fingerprint=fingerprint, run=run,
                        on_eval=log_samples)

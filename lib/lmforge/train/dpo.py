@@ -10,6 +10,11 @@ the log-probabilities summed over each response's tokens, a pair's loss is
   log-ratio gap reaches its target instead of driving it to infinity;
 * ``hinge``: ``relu(1 - beta h)`` (the SLiC loss).
 
+``rpo_alpha`` > 0 adds ``rpo_alpha`` times the chosen response's mean per-token
+negative log-likelihood (RPO, Pang et al. 2024; TRL's ``rpo_alpha``): DPO alone
+can lower the likelihood of the chosen answers too, and the freed mass then goes
+to responses no pair shows (an empty answer, say); the NLL term holds it on them.
+
 The reference is frozen, so its log-probs of every pair are computed once
 before training (``reference_logprobs``) and carried in each batch: the
 reference never runs during training. ``beta * (log p - log p_ref)`` is the
@@ -217,15 +222,28 @@ class DPOBatches:
 # --------------------------------------------------------------------------- loss_fn / eval_fn for the loop
 
 
+def chosen_nll(logp_c: torch.Tensor, completions: CompletionBatch) -> torch.Tensor:
+    """Mean over pairs of the chosen response's per-token negative log-likelihood: -log p(chosen) / its
+    length, from the (B,) summed log-probs and the 2B-row batch (chosen rows first)."""
+    lengths = completions.response_mask.sum(-1)[:len(logp_c)].clamp(min=1)
+    return (-logp_c / lengths).mean()
+
+
 def dpo_loss(model, batch: dict, *, beta: float, loss_type: str = "sigmoid",
-             label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict]:
-    """Mean preference loss of the policy on a ``DPOBatches`` batch, with TRL's metrics and token count."""
+             label_smoothing: float = 0.0, rpo_alpha: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """Mean preference loss of the policy on a ``DPOBatches`` batch (plus ``rpo_alpha`` times the chosen
+    answers' NLL), with TRL's metrics and token count."""
     logp_c, logp_r = pair_logprobs(model, batch["completions"])
     ref_c, ref_r = batch["ref_chosen"], batch["ref_rejected"]
     loss = preference_loss(logp_c - ref_c, logp_r - ref_r, beta=beta, loss_type=loss_type,
                            label_smoothing=label_smoothing).mean()
     tokens = int(batch["completions"].key_padding_mask.sum())
-    return loss, {"tokens": tokens, **dpo_metrics(logp_c, logp_r, ref_c, ref_r, beta)}
+    extra = {}
+    if rpo_alpha:
+        nll = chosen_nll(logp_c, batch["completions"])
+        loss = loss + rpo_alpha * nll
+        extra["nll_loss"] = nll.item()
+    return loss, {"tokens": tokens, **dpo_metrics(logp_c, logp_r, ref_c, ref_r, beta), **extra}
 
 
 @torch.no_grad()
