@@ -165,3 +165,32 @@ def test_lint_is_clean():
     proc = subprocess.run([SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--lint"], capture_output=True,
                           text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_a_new_init_from_folder_content_reruns_what_was_built_from_it(tmp_path):
+    """model.init_from: a local folder's weights and tokenizer are rule inputs, not just its path."""
+    import torch
+
+    from lmforge import hf
+    from lmforge.checkpoint import save_model
+    from lmforge.model import ModelConfig, Transformer
+    from lmforge.tokenizer import LMTokenizer
+
+    tok = LMTokenizer.train([f"The number {i} is {i * 3}." for i in range(200)], vocab_size=300)
+    cfg = ModelConfig(vocab_size=320, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=32)
+    torch.manual_seed(0)
+    save_model(tmp_path / "base.pt", Transformer(cfg), kind="causal_lm", model_config=cfg.to_dict(), tokenizer=tok,
+               meta={"stage": "test"})
+    folder = hf.export(tmp_path / "base.pt", tmp_path / "hf")
+    write_config(tmp_path, **{"model.init_from": f"hf:{folder}", "pretrain.max_steps": 2,
+                              "pretrain.warmup_steps": 1})
+    assert executed(snakemake(tmp_path)) == {"tokenizer", "tokenize", "pretrain"}
+    # Snakemake compares small inputs by content, not by time alone: change the contents.
+    torch.manual_seed(1)
+    save_model(tmp_path / "base.pt", Transformer(cfg), kind="causal_lm", model_config=cfg.to_dict(), tokenizer=tok,
+               meta={"stage": "test"})
+    hf.export(tmp_path / "base.pt", folder)
+    assert executed(snakemake(tmp_path, "-n")) == {"pretrain"}
+    tokenizer = folder / "tokenizer.json"
+    tokenizer.write_text(json.dumps(json.loads(tokenizer.read_text()), indent=1))
+    assert executed(snakemake(tmp_path, "-n")) == {"tokenizer", "tokenize", "pretrain"}

@@ -480,6 +480,21 @@ def check_folder(folder: Path) -> None:
         raise LmforgeError(f"{folder}: no {WEIGHTS} (or {WEIGHTS_INDEX}); only safetensors weights are read")
 
 
+def init_from_files(init_from: str | None, *names: str) -> dict[str, str]:
+    """The files of a local ``init_from`` folder that a rule reads, as Snakemake inputs ({name: abs path}),
+    so that replacing the folder's weights or tokenizer reruns what was built from them. ``names``:
+    "config", "tokenizer", "weights" (the safetensors file, or the index of a sharded one). A hub id
+    has no local files before it is fetched: {} (its staleness is its id)."""
+    if not init_from:
+        return {}
+    folder = Path(init_from.removeprefix("hf:")).expanduser()
+    if not folder.is_dir():
+        return {}
+    weights = WEIGHTS if (folder / WEIGHTS).exists() or not (folder / WEIGHTS_INDEX).exists() else WEIGHTS_INDEX
+    files = {"config": "config.json", "tokenizer": "tokenizer.json", "weights": weights}
+    return {f"init_from_{n}": str((folder / files[n]).resolve()) for n in names}
+
+
 def check_init_from(init_from: str) -> None:
     """Config-time check of ``model.init_from``: a local folder is checked now, a hub id when it is fetched."""
     if not init_from.startswith("hf:"):

@@ -5,6 +5,7 @@ import shutil
 from lmforge.config import check_config
 from lmforge.distributed import settings as distributed_settings
 from lmforge.errors import LmforgeError
+from lmforge.hf import init_from_files
 from lmforge.workflow import code_version, config_sections, optional_inputs
 
 # Cross-field checks (d_model % n_heads, warmup < max_steps, ...) before any job runs.

@@ -1,4 +1,7 @@
 rule tokenizer:
+    input:
+        # A local model.init_from folder: a new tokenizer.json there reruns the tokenizer.
+        **init_from_files(config["model"]["init_from"], "tokenizer"),
     output:
         tokenizer="results/tokenizer/tokenizer.json",
         stats="results/tokenizer/stats.json",

@@ -4,6 +4,7 @@ rule pretrain:
         train=rules.tokenize.output.train,
         val=rules.tokenize.output.val,
         meta=rules.tokenize.output.meta,
+        **init_from_files(config["model"]["init_from"], "config", "weights"),
     output:
         model="results/pretrain/model.pt",
         metrics="results/pretrain/metrics.json",
