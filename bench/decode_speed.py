@@ -1,19 +1,30 @@
 """Decoding tokens/s with the KV cache: lmforge's generate vs transformers' generate, same weights, same process.
 
     .venv/bin/python bench/decode_speed.py [--batch 1 16] [--prompt-len 32] [--new-tokens 128] [--repeats 5]
+                                           [--compile] [--hf-compile]
 
 Greedy, a fixed number of new tokens (no stop token on either side), prompts of
-equal length. The two samplers take turns run by run so machine noise hits both
+equal length. The samplers take turns run by run so machine noise hits all
 alike; tokens/s = batch * new tokens / wall time of the whole call (prefill
 included), median over the repeats after one warm-up run each. Our weights are
 copied into a LlamaForCausalLM (SDPA attention, its default dynamic cache), and
-the greedy tokens of both are compared as a check that they run the same model.
+the greedy tokens of each are compared with transformers' as a check that they run the same model.
+
+--compile adds "lmforge compiled" (``generate(..., compile=True)``); --hf-compile adds
+"transformers compiled" (its static cache, ``cache_implementation="static"``, with the forward
+through torch.compile). Their warm-up run compiles, and its time is reported as "first call":
+a cold compile, as the bench points torch's compile cache (TORCHINDUCTOR_CACHE_DIR) at an
+empty temporary folder unless that variable is set.
 """
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import os
+import shutil
 import statistics
+import tempfile
 import time
 
 import torch
@@ -54,35 +65,63 @@ def hf_copy(model: Transformer):
     return hf.eval()
 
 
-def run_ours(model, prompts: torch.Tensor, new: int) -> torch.Tensor:
-    out = generate(model, prompts.tolist(), max_new_tokens=new, temperature=0)
+def run_ours(model, prompts: torch.Tensor, new: int, compile: bool = False) -> torch.Tensor:
+    out = generate(model, prompts.tolist(), max_new_tokens=new, temperature=0, compile=compile)
     return torch.tensor(out.tokens)
 
 
 @torch.no_grad()
-def run_hf(hf, prompts: torch.Tensor, new: int) -> torch.Tensor:
+def run_hf(hf, prompts: torch.Tensor, new: int, compile: bool = False) -> torch.Tensor:
+    kw = {}
+    if compile:
+        from transformers import CompileConfig
+
+        config = CompileConfig(mode="default", dynamic=False)  # "reduce-overhead" is CUDA graphs
+        config._compile_all_devices = True  # transformers compiles on its own only on accelerators
+        kw = dict(cache_implementation="static", compile_config=config)
     out = hf.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new,
-                      min_new_tokens=new, do_sample=False)
+                      min_new_tokens=new, do_sample=False, **kw)
     return out[:, prompts.shape[1]:]
 
 
-def bench_batch(model, hf, batch: int, prompt_len: int, new: int, repeats: int) -> dict:
+def bench_batch(model, hf, batch: int, prompt_len: int, new: int, repeats: int, *, compile: bool = False,
+                hf_compile: bool = False) -> dict:
     g = torch.Generator().manual_seed(batch)
     prompts = torch.randint(0, model.cfg.vocab_size, (batch, prompt_len), generator=g)
     runners = {"lmforge": lambda: run_ours(model, prompts, new), "transformers": lambda: run_hf(hf, prompts, new)}
+    if compile:
+        runners["lmforge compiled"] = lambda: run_ours(model, prompts, new, compile=True)
+    if hf_compile:
+        runners["transformers compiled"] = lambda: run_hf(hf, prompts, new, compile=True)
     times = {k: [] for k in runners}
+    first = {}
     tokens = {}
     for i in range(repeats + 1):
         for name, fn in runners.items():
             t = time.perf_counter()
             tokens[name] = fn()
-            if i:  # the first run of each is warm-up
+            if i:  # the first run of each is warm-up (and, compiled, the compile)
                 times[name].append(time.perf_counter() - t)
-    out = {name: {"tokens_per_s": batch * new / statistics.median(ts), "seconds": statistics.median(ts)}
+            else:
+                first[name] = time.perf_counter() - t
+    out = {name: {"tokens_per_s": batch * new / statistics.median(ts), "seconds": statistics.median(ts),
+                  "runs_tokens_per_s": [batch * new / t for t in ts], "first_call_s": first[name],
+                  "same_tokens": float((tokens[name] == tokens["transformers"]).float().mean())}
            for name, ts in times.items()}
-    out["speedup"] = out["lmforge"]["tokens_per_s"] / out["transformers"]["tokens_per_s"]
-    out["same_tokens"] = float((tokens["lmforge"] == tokens["transformers"]).float().mean())
+    for name in runners:
+        out[name]["vs_transformers"] = out[name]["tokens_per_s"] / out["transformers"]["tokens_per_s"]
+    out["speedup"] = out["lmforge"]["vs_transformers"]
+    out["same_tokens"] = out["lmforge"]["same_tokens"]
     return out
+
+
+def cpu_pressure() -> str:
+    """The "some" line of /proc/pressure/cpu (Linux): how long runnable tasks waited, a sign of other jobs."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            return f.readline().strip()
+    except OSError:
+        return "n/a"
 
 
 def main() -> None:
@@ -92,20 +131,33 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="also time generate(..., compile=True)")
+    ap.add_argument("--hf-compile", action="store_true",
+                    help="also time transformers with its static cache and torch.compile")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if (args.compile or args.hf_compile) and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")  # cold compiles
+        atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], True)
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_dict(CFG)).eval()
     hf = hf_copy(model)
     results = {"threads": args.threads, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens}
     print(f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, {args.threads} threads")
+    results["cpu_pressure_before"] = cpu_pressure()
+    print("cpu pressure before:", results["cpu_pressure_before"])
     for b in args.batch:
-        r = bench_batch(model, hf, b, args.prompt_len, args.new_tokens, args.repeats)
+        r = bench_batch(model, hf, b, args.prompt_len, args.new_tokens, args.repeats, compile=args.compile,
+                        hf_compile=args.hf_compile)
         results[f"batch_{b}"] = r
-        print(f"batch {b:>3}: lmforge {r['lmforge']['tokens_per_s']:8.0f} tokens/s   transformers "
-              f"{r['transformers']['tokens_per_s']:8.0f} tokens/s   speedup {r['speedup']:.2f}x   "
-              f"same tokens {r['same_tokens']:.1%}")
+        for name, x in r.items():
+            if isinstance(x, dict):
+                print(f"batch {b:>3}: {name:<22} {x['tokens_per_s']:8.0f} tokens/s  {x['vs_transformers']:.2f}x  "
+                      f"same tokens {x['same_tokens']:6.1%}  first call {x['first_call_s']:6.2f} s  runs "
+                      + " ".join(f"{v:.0f}" for v in x["runs_tokens_per_s"]))
+    results["cpu_pressure_after"] = cpu_pressure()
+    print("cpu pressure after: ", results["cpu_pressure_after"])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

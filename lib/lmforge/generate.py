@@ -4,15 +4,26 @@ Prompts of unequal length are left-padded so every row's next token sits in the
 same column; a key-padding mask hides the pads and position ids count only real
 tokens, so a row's tokens are the ones it would get alone. One preallocated
 cache per batch: the prompt is run once (prefill), then one token per step.
+
+``compile=True`` runs each decoding step (embedding, blocks, final norm, lm_head
+and, when greedy, the argmax and its log-prob) through torch.compile
+(``Transformer.static_step``): the cache is allocated at a power-of-two length and
+only the number of attended columns varies, as the one dynamic size of the graph, so
+one graph per (model, batch size, cache-length bucket, greedy or sampled, padded or
+not) serves every step and every later call; the prefill stays eager. A compile
+costs seconds, so it pays only for long generations (bench/RESULTS.md). Models with
+adapter or quantized layers (LoRA, NF4) decode eagerly even with compile=True.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from lmforge.errors import LmforgeError
 from lmforge.model import Transformer, padded_position_ids
@@ -90,22 +101,27 @@ def _budgets(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
 @torch.inference_mode()  # lighter than no_grad per op; what is yielded is only read (stacked, compared)
 def _decode(model: Transformer, prompts: Sequence[Sequence[int]], budgets: list[int], *, temperature: float,
             top_k: int, top_p: float, stop_ids: Sequence[int], pad_id: int,
-            generator: torch.Generator | None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+            generator: torch.Generator | None,
+            compile: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield, per step, (tokens (B,), logprobs (B,), emitted (B,) bool, hit_stop (B,) bool) for one batch.
 
     Rows that are done (stop token or budget reached) get pad tokens that the
     mask hides, and the loop ends when every row is done. Prompts of equal length
     take a maskless path: nothing is padded, and a finished row's later tokens are
     junk nobody reads (rows never attend to each other), so no mask is built or updated.
+    compile: the steps after the (eager) prefill run ``_static_step`` through torch.compile.
     """
     device = model.embed_tokens.weight.device
     B, P, steps = len(prompts), max(len(p) for p in prompts), max(budgets)
     if steps == 0:
         return
     padded = any(len(p) != P for p in prompts)
+    static = compile and _compilable(model)
+    # The last sampled token is never fed back; a static cache is rounded up so that other lengths share its graph.
+    length = _bucket(P + steps - 1, model.cfg.max_seq_len) if static else P + steps - 1
     # The mask covers the whole run up front: prompt columns now, one column per step later.
     ids = torch.full((B, P), pad_id, dtype=torch.long)
-    mask = torch.zeros(B, P + steps, dtype=torch.bool)
+    mask = torch.zeros(B, length, dtype=torch.bool)
     for i, p in enumerate(prompts):
         ids[i, P - len(p):] = torch.tensor(list(p), dtype=torch.long)
         mask[i, P - len(p):P] = True
@@ -114,17 +130,22 @@ def _decode(model: Transformer, prompts: Sequence[Sequence[int]], budgets: list[
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     no_stop = torch.zeros(B, dtype=torch.bool, device=device)
 
-    cache = model.new_cache(B, P + steps - 1)  # the last sampled token is never fed back
+    cache = model.new_cache(B, length)
     if padded:
         positions = padded_position_ids(mask[:, :P])
         logits = _last_logits(model, ids, positions, mask[:, :P], cache)
-        next_pos = positions[:, -1] + 1
+        next_pos = positions[:, -1:] + 1  # (B, 1)
     else:
         logits = _last_logits(model, ids, None, None, cache)
+    sample = functools.partial(sample_next_token, temperature=temperature, top_k=top_k, top_p=top_p,
+                               generator=generator)
+    if static:
+        step_fn = _compiled_step()
+        greedy = temperature == 0
+        columns = torch.arange(length, device=device)
+    tokens, logprobs = sample(logits)
     done = budget == 0
     for step in range(steps):
-        tokens, logprobs = sample_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p,
-                                             generator=generator)
         emitted = ~done
         hit_stop = emitted & torch.isin(tokens, stops) if len(stop_ids) else no_stop
         yield tokens, logprobs, emitted, hit_stop
@@ -133,31 +154,72 @@ def _decode(model: Transformer, prompts: Sequence[Sequence[int]], budgets: list[
         # no need to ask the device every step.
         if step + 1 == steps or (len(stop_ids) and bool(done.all())):
             return
-        if not padded:
-            logits = _last_logits(model, tokens[:, None], None, None, cache)
-            continue
-        mask[:, P + step] = ~done
-        feed = torch.where(done, torch.full_like(tokens, pad_id), tokens)
-        logits = _last_logits(model, feed[:, None], next_pos[:, None], mask[:, :P + step + 1], cache)
-        # Finished rows keep feeding hidden pads; clamping keeps their positions inside the tables.
-        next_pos = (next_pos + 1).clamp(max=model.cfg.max_seq_len - 1)
+        if padded:
+            mask[:, P + step] = ~done
+            tokens = torch.where(done, torch.full_like(tokens, pad_id), tokens)
+        if static:
+            cache.columns = columns[:P + step + 1]
+            torch._dynamo.mark_dynamic(cache.columns, 0)  # its length: the one size that changes
+            out = step_fn(model, tokens, cache, next_pos if padded else None, mask if padded else None, greedy)
+            tokens, logprobs = out if greedy else sample(out)
+        elif padded:
+            tokens, logprobs = sample(_last_logits(model, tokens[:, None], next_pos, mask[:, :P + step + 1], cache))
+        else:
+            tokens, logprobs = sample(_last_logits(model, tokens[:, None], None, None, cache))
+        if padded:
+            # Finished rows keep feeding hidden pads; clamping keeps their positions inside the tables.
+            next_pos = (next_pos + 1).clamp(max=model.cfg.max_seq_len - 1)
 
 
 def _last_logits(model: Transformer, ids, positions, mask, cache) -> torch.Tensor:
     """Logits (B, V) at the last column only: the vocab projection of the prompt would be wasted work."""
     h = model.hidden_states(ids, position_ids=positions, key_padding_mask=mask, cache=cache)
-    return model.lm_head(h[:, -1])
+    return model.next_logits(h[:, -1])
+
+
+def _compilable(model: Transformer) -> bool:
+    """Plain embedding and linear layers only: adapter and quantized layers (LoRA, NF4) decode eagerly."""
+    linears = [model.lm_head] + [m for layer in model.layers for m in (*layer.self_attn.children(),
+                                                                      *layer.mlp.children())
+                                 if not isinstance(m, nn.Dropout)]
+    return type(model.embed_tokens) is nn.Embedding and all(type(m) is nn.Linear for m in linears)
+
+
+def _bucket(n: int, limit: int) -> int:
+    """n rounded up to a power of two (at least 64), but never past the context limit (n <= limit)."""
+    return max(n, min(limit, max(64, 1 << (n - 1).bit_length())))
+
+
+def _static_step(model: Transformer, tokens: torch.Tensor, cache, positions: torch.Tensor | None,
+                 key_mask: torch.Tensor | None, greedy: bool):
+    """Feed tokens (B,) at the last of cache.columns: greedy (next tokens (B,), their log-probs (B,)),
+    else logits (B, V). positions (B, 1) and key_mask (B, cache length) for padded batches, else None."""
+    h = model.static_step(tokens[:, None], cache, position_ids=positions, key_padding_mask=key_mask)
+    logits = model.next_logits(h[:, -1])
+    return sample_next_token(logits, temperature=0) if greedy else logits
+
+
+@functools.cache
+def _compiled_step() -> Callable:
+    """``_static_step`` through torch.compile, built on first use. dynamic=False: every size is fixed but
+    the attended length (``mark_dynamic`` in _decode); a new batch size or cache length gets its own graph.
+    torch.compile keeps each graph with its guards (the model object, config values, shapes), so a later
+    call that passes them reuses it; past torch._dynamo's recompile limit (8 graphs) steps run eagerly."""
+    return torch.compile(_static_step, dynamic=False)
 
 
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, stop_ids: Sequence[int] = (), pad_id: int = 0,
-             generator: torch.Generator | None = None, batch_size: int | None = None) -> GenerationOutput:
+             generator: torch.Generator | None = None, batch_size: int | None = None,
+             compile: bool = False) -> GenerationOutput:
     """Complete every prompt (lists of token ids) with up to max_new_tokens tokens.
 
     Prompts are processed in order, batch_size at a time (default: all at once).
     The same generator seed gives the same samples. The model runs in eval mode
-    and gets its previous mode back afterwards.
+    and gets its previous mode back afterwards. compile: decoding steps through
+    torch.compile (see the module docstring; on CPU it needs a C++ compiler); greedy
+    tokens are the eager ones, sampled ones the same for the same generator seed.
     """
     _check_args(max_new_tokens, temperature, top_k, top_p)
     budgets = _budgets(model, prompts, max_new_tokens)
@@ -169,7 +231,8 @@ def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: in
         for start in range(0, len(prompts), batch_size):
             chunk = slice(start, start + batch_size)
             _generate_batch(model, prompts[chunk], budgets[chunk], out, temperature=temperature, top_k=top_k,
-                            top_p=top_p, stop_ids=stop_ids, pad_id=pad_id, generator=generator)
+                            top_p=top_p, stop_ids=stop_ids, pad_id=pad_id, generator=generator,
+                            compile=compile)
     finally:
         model.train(was_training)
     return out
@@ -201,10 +264,10 @@ def _generate_batch(model, prompts, budgets, out: GenerationOutput, **kw) -> Non
 @torch.no_grad()
 def stream(model: Transformer, prompt_ids: Sequence[int], *, max_new_tokens: int, temperature: float = 1.0,
            top_k: int = 0, top_p: float = 1.0, stop_ids: Sequence[int] = (),
-           generator: torch.Generator | None = None) -> Iterator[int]:
+           generator: torch.Generator | None = None, compile: bool = False) -> Iterator[int]:
     """Yield the completion of one prompt a token at a time (the stop token, when hit, is yielded last).
 
-    Same tokens as ``generate`` with the same arguments and seed.
+    Same tokens as ``generate`` with the same arguments and seed (compile as there).
     """
     _check_args(max_new_tokens, temperature, top_k, top_p)
     budgets = _budgets(model, [prompt_ids], max_new_tokens)
@@ -212,7 +275,8 @@ def stream(model: Transformer, prompt_ids: Sequence[int], *, max_new_tokens: int
     model.eval()
     try:
         for tokens, _, _, _ in _decode(model, [prompt_ids], budgets, temperature=temperature, top_k=top_k,
-                                       top_p=top_p, stop_ids=stop_ids, pad_id=0, generator=generator):
+                                       top_p=top_p, stop_ids=stop_ids, pad_id=0, generator=generator,
+                                       compile=compile):
             yield int(tokens[0])
     finally:
         model.train(was_training)

@@ -334,6 +334,10 @@ class KVCache:
     attends over [0, length+T); the model advances ``length`` after its last layer.
     The cache also holds, for its decoding session, each layer's q/k/v and gate/up
     weights concatenated (see ``fused``): one matmul instead of two or three per token.
+
+    Static mode (``columns`` set, used by ``Transformer.static_step``): the key columns to
+    attend, 0 .. n-1, come as a tensor whose last T entries are where the new tokens go, so
+    a compiled step reads its length as its one dynamic size and nothing else changes.
     """
 
     def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int,
@@ -343,10 +347,20 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.max_len = max_len
         self.length = 0
+        self.columns: torch.Tensor | None = None
+        """Static mode: arange(n) on the cache's device, n = cached + new tokens."""
         self._fused: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, K, T, hd) after the cached ones; return all keys/values so far (B, K, S, hd)."""
+        """Store k, v (B, K, T, hd) after the cached ones; return all keys/values so far (B, K, S, hd).
+
+        Static mode: store them at the last T of ``columns`` and return the first n columns.
+        """
+        if self.columns is not None:
+            n = self.columns.shape[0]
+            self.k[layer].index_copy_(2, self.columns[n - k.shape[2]:], k.to(self.k[layer].dtype))
+            self.v[layer].index_copy_(2, self.columns[n - k.shape[2]:], v.to(self.v[layer].dtype))
+            return self.k[layer][:, :, :n], self.v[layer][:, :, :n]
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} tokens; cannot add {k.shape[2]} after {self.length}")
@@ -383,11 +397,33 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
 
 
+# oneDNN's fp32 matrix product, the kernel PyTorch's compiler picks for CPU inference: with the
+# few rows of a decoding step it beats F.linear's MKL product by ~1.5x here (bench/RESULTS.md).
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@torch.library.custom_op("lmforge::onednn_linear", mutates_args=())
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The oneDNN product as an op torch.compile calls as it is (its own lowering of the
+    underlying op wants weights frozen into the graph, which decoding a training model can't have)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@_onednn_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear (..., in) -> (..., out); a single row goes through torch.mv, which streams the weight
-    once where a one-row matrix product first repacks it (about 5 % of a batch-1 decoding step on CPU)."""
+    """F.linear (..., in) -> (..., out) for decoding (no gradients). A single row goes through torch.mv,
+    which streams the weight once where a one-row matrix product first repacks it (about 5 % of a
+    batch-1 decoding step on CPU); a few rows of float32 on CPU through oneDNN."""
     if x.numel() != x.shape[-1]:
-        return F.linear(x, weight, bias)
+        if not (_ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32):
+            return F.linear(x, weight, bias)
+        if torch.compiler.is_compiling():
+            return _onednn_linear(x, weight, bias)
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     y = torch.mv(weight, x.reshape(-1))
     if bias is not None:
         y = y + bias.to(y.dtype)
@@ -502,7 +538,8 @@ class Transformer(nn.Module):
     torch_compile = False
     """True: the training forward (whole sequences, no cache, gradients on) runs through torch.compile.
     On a 2-core CPU compiling takes ~18 s and each step gets ~5 % faster (5M params: 0.43 -> 0.41 s),
-    so it pays after ~900 steps; decoding and no-grad evaluation stay eager (their shapes vary)."""
+    so it pays after ~900 steps; decoding and no-grad evaluation stay eager (their shapes vary;
+    ``generate(..., compile=True)`` compiles decoding steps on its own, see ``static_step``)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -605,6 +642,54 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.advance(T)
         return self.norm(x)
+
+    def static_step(self, input_ids: torch.Tensor, cache: KVCache, *, position_ids: torch.Tensor | None = None,
+                    key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, D) of new tokens (B, T) at the last T of ``cache.columns``.
+
+        The decoding step written for torch.compile: the cache's length comes from the
+        ``cache.columns`` tensor (n,) and positions and masks from tensors, never from a Python
+        int that changes every step, so one graph (dynamic in n alone) serves every step.
+        position_ids (B, T): default the new columns. key_padding_mask (B, >= n) bool, True = real key.
+        Eval-time only: no dropout, no packed documents, no gradient checkpointing.
+        """
+        T = input_ids.shape[1]
+        cols = cache.columns
+        n = cols.shape[0]
+        new = cols[n - T:]  # (T,)
+        if position_ids is None:
+            position_ids = new[None]
+        x = self.embed_tokens(input_ids)
+        pe = self.cfg.positional_encoding
+        if pe in ("sinusoidal", "learned"):
+            x = x + (self.sinusoidal if pe == "sinusoidal" else self.embed_positions.weight)[position_ids]
+        rope = None
+        if pe in ("rope", "yarn"):
+            rope = self.rope_cos[position_ids].unsqueeze(1), self.rope_sin[position_ids].unsqueeze(1)
+        # The rules of _mask over key-sequence indices; one new token of an unpadded batch needs none.
+        mask = None
+        if T > 1 or self.cfg.window is not None or key_padding_mask is not None or pe == "alibi":
+            q_idx, k_idx = new[:, None], cols[None, :]
+            mask = k_idx <= q_idx
+            if self.cfg.window is not None:
+                mask = mask & (q_idx - k_idx < self.cfg.window)
+            mask = mask[None, None]  # (1, 1, T, n)
+            if key_padding_mask is not None:
+                mask = mask & key_padding_mask[:, None, None, :n].bool()
+            mask = mask | ~mask.any(dim=-1, keepdim=True)  # a row with no visible key: finite junk, as in _mask
+            if pe == "alibi":
+                bias = (self.alibi_slopes[:, None, None] * (k_idx - q_idx)).unsqueeze(0)
+                mask = bias.masked_fill(~mask, float("-inf"))
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope=rope, mask=mask, is_causal=False, cache=cache, layer=i)
+        return self.norm(x)
+
+    def next_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Decoding's lm_head (no gradients): hidden states (B, D) -> logits (B, V) through the fast
+        product of the fused projections when the head is a plain linear layer."""
+        if _fusable(self.lm_head) and not torch.is_grad_enabled():
+            return _linear(h, self.lm_head.weight, self.lm_head.bias)
+        return self.lm_head(h)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count (tied weights once). non_embedding drops the token/position tables,
