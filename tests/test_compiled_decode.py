@@ -16,6 +16,8 @@ from lmforge.generate import generate, stream
 from lmforge.lora import LoraConfig, apply_lora
 from lmforge.model import ModelConfig, Transformer
 from lmforge.quant import quantize_model
+from test_generate import make_model as sharpened_model
+from test_speed_paths import ref_greedy
 
 V = 53
 EQUAL = [[5, 9, 2, 7], [7, 1, 4, 4], [12, 30, 6, 6]]
@@ -28,33 +30,8 @@ ARCHS = {"rope-gqa": {}, "alibi-window": dict(positional_encoding="alibi", slidi
 
 
 def make_model(seed: int = 0, **overrides) -> Transformer:
-    """A tiny model with sharpened logits, so greedy choices are far from ties (untied: no mere copy of the input)."""
-    cfg = dict(vocab_size=V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32, tie_embeddings=False)
-    cfg.update(overrides)
-    torch.manual_seed(seed)
-    model = Transformer(ModelConfig(**cfg))
-    with torch.no_grad():
-        model.embed_tokens.weight.mul_(40.0)
-        for layer in model.layers:
-            layer.self_attn.o_proj.weight.mul_(5.0)
-            layer.mlp.down_proj.weight.mul_(5.0)
-            if layer.self_attn.q_proj.bias is not None:
-                layer.self_attn.q_proj.bias.normal_()
-    return model
-
-
-@torch.no_grad()
-def ref_greedy(model, prompt, n, stop_ids=()):
-    """One prompt, no cache: the full sequence through the model for every new token."""
-    model.eval()
-    seq, out = list(prompt), []
-    for _ in range(n):
-        tok = int(model(torch.tensor([seq]))[0, -1].argmax())
-        seq.append(tok)
-        out.append(tok)
-        if tok in stop_ids:
-            break
-    return out
+    """test_generate's tiny sharpened model, untied by default (no mere copy of the input)."""
+    return sharpened_model(seed, **{"tie_embeddings": False, **overrides})
 
 
 @pytest.fixture

@@ -23,6 +23,8 @@ def make_model(seed: int = 0, **overrides) -> Transformer:
         for layer in model.layers:
             layer.self_attn.o_proj.weight.mul_(5.0)
             layer.mlp.down_proj.weight.mul_(5.0)
+            if layer.self_attn.q_proj.bias is not None:  # zero-initialised: make it matter
+                layer.self_attn.q_proj.bias.normal_()
     return model
 
 

@@ -116,6 +116,7 @@ def test_next_token_loss_falls_back_to_logits_for_a_wrapped_head():
 @torch.no_grad()
 def ref_greedy(model, prompt, n, stop_ids=()):
     """No cache, no batch: the whole sequence through the model for each new token."""
+    model.eval()
     seq, out = list(prompt), []
     for _ in range(n):
         tok = int(model(torch.tensor([seq]))[0, -1].argmax())
