@@ -28,6 +28,24 @@ def test_generate_prints_completion(tmp_path, tok, capsys):
     assert rc == 0 and out.startswith("> What is 2?\n")
 
 
+@pytest.mark.slow  # one compile of the decoding step
+def test_generate_compiled_prints_the_same_completion(tmp_path, tok, capsys, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_dict(MODEL)
+    path = tmp_path / "model.pt"
+    save_model(path, Transformer(cfg), kind="causal_lm", model_config=cfg.to_dict(), tokenizer=tok, meta={})
+    args = ["generate", str(path), "--prompt", "What is 2?", "--temperature", "0", "--max-new-tokens", "12"]
+    assert main(args) == 0
+    eager = capsys.readouterr().out
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    assert main([*args, "--compile"]) == 0
+    assert capsys.readouterr().out == eager
+    assert counters["stats"]["unique_graphs"] >= 1  # the step did go through the compiler
+
+
 def test_generate_on_reward_model_fails_clearly(tmp_path, tok, capsys):
     cfg = ModelConfig.from_dict(MODEL)
     path = tmp_path / "reward.pt"
