@@ -300,8 +300,16 @@ def attention_mask(
     doc_ids (B, T) needs past == 0 (queries and keys are the same tokens);
     key_padding_mask (B, S) marks real keys, cached ones included.
     """
-    q_idx = torch.arange(past, past + q_len, device=device)[:, None]
-    k_idx = torch.arange(k_len, device=device)[None, :]
+    q_idx = torch.arange(past, past + q_len, device=device)
+    return visible_keys(q_idx, torch.arange(k_len, device=device), window=window, doc_ids=doc_ids,
+                        key_padding_mask=key_padding_mask)
+
+
+def visible_keys(q_idx: torch.Tensor, k_idx: torch.Tensor, *, window: int | None = None,
+                 doc_ids: torch.Tensor | None = None, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``attention_mask`` for queries at key-sequence indices q_idx (T,) over keys k_idx (S,): bool
+    (B|1, 1, T, S). Indices as tensors let a compiled decoding step keep one graph for every step."""
+    q_idx, k_idx = q_idx[:, None], k_idx[None, :]
     mask = k_idx <= q_idx
     if window is not None:
         mask = mask & (q_idx - k_idx < window)
@@ -319,9 +327,21 @@ def alibi_bias(slopes: torch.Tensor, q_len: int, k_len: int, past: int = 0) -> t
     Distances are key-sequence index differences; with left padding or packing these
     equal position differences wherever the mask lets a query see a key.
     """
-    q_idx = torch.arange(past, past + q_len, device=slopes.device)[:, None]
-    k_idx = torch.arange(k_len, device=slopes.device)[None, :]
-    return (slopes[:, None, None] * (k_idx - q_idx)).unsqueeze(0)
+    q_idx = torch.arange(past, past + q_len, device=slopes.device)
+    return alibi_bias_at(slopes, q_idx, torch.arange(k_len, device=slopes.device))
+
+
+def alibi_bias_at(slopes: torch.Tensor, q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor:
+    """``alibi_bias`` for queries at key-sequence indices q_idx (T,) over keys k_idx (S,): (1, H, T, S)."""
+    return (slopes[:, None, None] * (k_idx[None, :] - q_idx[:, None])).unsqueeze(0)
+
+
+def finish_mask(mask: torch.Tensor, alibi: torch.Tensor | None = None) -> torch.Tensor:
+    """The SDPA mask from a bool visibility mask: a query with no visible key (a left-pad token)
+    would make softmax 0/0 = NaN, so it sees everything instead (junk nobody reads, but finite);
+    with ALiBi, the bias with -inf where a key is hidden."""
+    mask = mask | ~mask.any(dim=-1, keepdim=True)
+    return mask if alibi is None else alibi.masked_fill(~mask, float("-inf"))
 
 
 # --------------------------------------------------------------------------- KV cache
@@ -666,20 +686,12 @@ class Transformer(nn.Module):
         rope = None
         if pe in ("rope", "yarn"):
             rope = self.rope_cos[position_ids].unsqueeze(1), self.rope_sin[position_ids].unsqueeze(1)
-        # The rules of _mask over key-sequence indices; one new token of an unpadded batch needs none.
+        # _mask's rules over tensor indices; one new token of an unpadded batch needs none.
         mask = None
         if T > 1 or self.cfg.window is not None or key_padding_mask is not None or pe == "alibi":
-            q_idx, k_idx = new[:, None], cols[None, :]
-            mask = k_idx <= q_idx
-            if self.cfg.window is not None:
-                mask = mask & (q_idx - k_idx < self.cfg.window)
-            mask = mask[None, None]  # (1, 1, T, n)
-            if key_padding_mask is not None:
-                mask = mask & key_padding_mask[:, None, None, :n].bool()
-            mask = mask | ~mask.any(dim=-1, keepdim=True)  # a row with no visible key: finite junk, as in _mask
-            if pe == "alibi":
-                bias = (self.alibi_slopes[:, None, None] * (k_idx - q_idx)).unsqueeze(0)
-                mask = bias.masked_fill(~mask, float("-inf"))
+            mask = visible_keys(new, cols, window=self.cfg.window,
+                                key_padding_mask=None if key_padding_mask is None else key_padding_mask[:, :n])
+            mask = finish_mask(mask, alibi_bias_at(self.alibi_slopes, new, cols) if pe == "alibi" else None)
         for i, layer in enumerate(self.layers):
             x = layer(x, rope=rope, mask=mask, is_causal=False, cache=cache, layer=i)
         return self.norm(x)
@@ -745,13 +757,7 @@ class Transformer(nn.Module):
         else:
             mask = attention_mask(T, S, past=past, window=window, doc_ids=doc_ids,
                                   key_padding_mask=key_padding_mask, device=device)
-        # A query with no visible key (a left-pad token) would make softmax 0/0 = NaN;
-        # let it see everything instead: its output is junk nobody reads, but finite.
-        mask = mask | ~mask.any(dim=-1, keepdim=True)
-        if alibi:
-            bias = alibi_bias(self.alibi_slopes, T, S, past)
-            return bias.masked_fill(~mask, float("-inf")), False
-        return mask, False
+        return finish_mask(mask, alibi_bias(self.alibi_slopes, T, S, past) if alibi else None), False
 
 
 @functools.cache
