@@ -682,10 +682,8 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids)
         pe = self.cfg.positional_encoding
         if pe in ("sinusoidal", "learned"):
-            x = x + (self.sinusoidal if pe == "sinusoidal" else self.embed_positions.weight)[position_ids]
-        rope = None
-        if pe in ("rope", "yarn"):
-            rope = self.rope_cos[position_ids].unsqueeze(1), self.rope_sin[position_ids].unsqueeze(1)
+            x = x + self._absolute_positions(position_ids, 0, T)
+        rope = self._rope(position_ids, 0, T)
         # _mask's rules over tensor indices; one new token of an unpadded batch needs none.
         mask = None
         if T > 1 or self.cfg.window is not None or key_padding_mask is not None or pe == "alibi":
