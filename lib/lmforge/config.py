@@ -83,7 +83,7 @@ def check_config(config: dict) -> dict:
     from lmforge.model import ModelConfig  # local: model imports torch
 
     init_from = config["model"].get("init_from")
-    ModelConfig.from_dict({k: v for k, v in config["model"].items() if k != "init_from"}).validate()
+    ModelConfig.from_section(config["model"])
     tok = config["tokenizer"]
     if init_from:  # the imported model brings its tokenizer and its shape
         from lmforge.hf import check_init_from

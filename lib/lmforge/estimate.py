@@ -448,10 +448,9 @@ def _config_model(model: dict, path) -> ModelConfig:
 
     from lmforge.errors import LmforgeError
 
-    model = dict(model)
-    init_from = model.pop("init_from", None)
+    init_from = model.get("init_from")
     if not init_from:
-        return ModelConfig.from_dict(model)
+        return ModelConfig.from_section(model)
     from lmforge.hf import model_config_from_hf, read_hf_config
 
     folder = Path(init_from.removeprefix("hf:")).expanduser()

@@ -184,6 +184,12 @@ class ModelConfig:
                 f"(known keys: {', '.join(sorted(known))})")
         return cls(**d).validate()
 
+    @classmethod
+    def from_section(cls, section: dict) -> "ModelConfig":
+        """The pipeline config's model section as an architecture: ``init_from`` (where the weights
+        come from, not a shape) set aside."""
+        return cls.from_dict({k: v for k, v in section.items() if k != "init_from"})
+
 
 def _check_int(value, key: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int):

@@ -10,7 +10,7 @@ from lmforge.checkpoint import file_sha256
 from lmforge.config import TrainConfig
 from lmforge.errors import LmforgeError
 from lmforge.model import ModelConfig, Transformer
-from lmforge.stages.common import log_estimate, training_options, publish, run_summary, setup
+from lmforge.stages.common import log_estimate, publish, run_summary, setup, training_options
 from lmforge.tokenizer import LMTokenizer
 from lmforge.train.lm import TokenWindows, evaluate_lm, lm_loss
 from lmforge.train.loop import TrainResult, final_weights, train
@@ -21,7 +21,7 @@ def build_model(model_params: dict, tok: LMTokenizer) -> tuple[Transformer, Mode
         from lmforge.hf import init_model
 
         return init_model(model_params, tok)
-    cfg = ModelConfig.from_dict({k: v for k, v in model_params.items() if k != "init_from"}).validate()
+    cfg = ModelConfig.from_section(model_params)
     if tok.vocab_size > cfg.vocab_size:
         raise LmforgeError(f"the tokenizer has {tok.vocab_size} tokens but 'model.vocab_size' is "
                            f"{cfg.vocab_size}; raise model.vocab_size to at least {tok.vocab_size}")
