@@ -246,6 +246,9 @@ def test_stage_without_reference_uses_sft_and_resumes(tmp_path, tok):
     # Raising max_steps extends the finished run from its checkpoint (the reference is still the SFT model).
     again, _ = run_stage(tmp_path, {"policy": sft}, loss_type="ipo", clip_range=0.5, max_steps=4)
     assert again["resumed_from"] == 3 and again["steps"] == 4
+    # Another loss (here the RPO weight) is another run: its checkpoints are not resumed.
+    other, _ = run_stage(tmp_path, {"policy": sft}, loss_type="ipo", clip_range=0.5, max_steps=4, rpo_alpha=1.0)
+    assert other["resumed_from"] is None and other["steps"] == 4
 
 
 def test_reference_with_another_tokenizer_or_vocab_is_refused(tmp_path, tok):

@@ -104,7 +104,7 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
                       if len(tok.prompt_ids(r["prompt"])) < seq][:N_SAMPLES]
     fingerprint = {"init": file_sha256(inputs["policy"]), "reference": file_sha256(reference) if reference else None,
                    "data": data_id, "builtin": params["data"]["builtin"], "seed": params["seed"], **loss_kw,
-                   "lora": section.get("lora")}
+                   "rpo_alpha": section["rpo_alpha"], "lora": section.get("lora")}
     lineage = {k: inputs[k] for k in ("policy", "reference", "data", "pairs") if inputs.get(k)}
     with env.tracker(params, lineage) as run:
         run.set_tags({"device": str(device)})
