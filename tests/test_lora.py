@@ -24,6 +24,7 @@ from lmforge.stages import sft as sft_stage
 from lmforge.stages.common import training_options
 from lmforge.tokenizer import LMTokenizer
 from lmforge.train.optim import build_optimizer
+from lmforge.train.policy import load_reference
 from lmforge.workflow import StageEnv
 
 BUILTIN = {"n_sft": 8, "n_pref": 8, "n_rl": 8, "n_val": 4, "tasks": {"arithmetic": 1.0, "string": 0.0, "docstring": 0.0}}
@@ -273,14 +274,22 @@ def test_lora_and_qlora_stages_save_adapters_and_reuse_the_base_as_reference(tmp
     pre = save_lm(tmp_path / "pretrain.pt", tiny(tok.vocab_size), tok)
     constructions.clear()
     loads = []
+
+    def view_only(*args, **kw):  # the stages' reference must be the policy's base view, never a loaded copy
+        reference = load_reference(*args, **kw)
+        if not isinstance(reference, BaseView):
+            loads.append(args)
+            pytest.fail("loaded a copy of the reference")
+        return reference
+
     for module in (ppo_stage, grpo_stage):
-        monkeypatch.setattr(module, "load_reference", lambda *a, **k: loads.append(a) or pytest.fail("loaded"))
+        monkeypatch.setattr(module, "load_reference", view_only)
 
     # SFT with LoRA: only adapters saved; the published model loads through its base.
     _, sft = run_stage(sft_stage, "sft", tmp_path, {"model": str(pre)}, lora={"r": 4})
     assert torch.load(sft, weights_only=False)["kind"] == "lora" and len(constructions) == 1
     # GRPO with QLoRA on the SFT adapters (trained on, then merged under new adapters). beta > 0 needs a
-    # reference: the policy with its adapters off; no second Transformer, no load_reference.
+    # reference: the policy with its adapters off; no second Transformer, no loaded copy.
     constructions.clear()
     metrics, grpo = run_stage(grpo_stage, "grpo", tmp_path, {"policy": sft}, batch_size=2, group_size=2,
                               max_new_tokens=4, beta=0.1, lora={"r": 4, "quantize": "nf4"})

@@ -23,7 +23,6 @@ from lmforge.data.formats import load_prompts
 from lmforge.data.sources import data_fingerprint
 from lmforge.device import autocast
 from lmforge.errors import LmforgeError
-from lmforge.lora import BaseView, has_adapters
 from lmforge.rewards import RewardFunction, RewardSpec
 from lmforge.stages.common import load_trainable, publish, run_summary, setup
 from lmforge.stages.sft import N_SAMPLES, greedy_responses, sample_logger
@@ -95,10 +94,8 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
 
     # ---- frozen models: only those the config asks for -----------------------------
     reference_path = (inputs.get("reference") or section["reference"] or inputs["policy"]) if cfg.beta > 0 else None
-    if reference_path and str(reference_path) == str(inputs["policy"]) and has_adapters(model):
-        reference = BaseView(model)  # the policy with its adapters off: no second copy of the weights
-    else:
-        reference = load_reference(reference_path, inputs["policy"], ckpt, device=device, key="grpo.reference") if reference_path else None
+    reference = load_reference(reference_path, inputs["policy"], ckpt, device=device, key="grpo.reference",
+                               policy=model) if reference_path else None
     reward_fn = RewardFunction(spec, policy_tokenizer=tok, reward_model_path=inputs.get("reward_model"),
                                device=device, key="grpo.reward_fn")
     print(f"grpo: {len(prompts)} prompts from {source} ({len(records) - len(prompts)} too long), "

@@ -27,7 +27,6 @@ from lmforge.data.formats import load_prompts
 from lmforge.data.sources import data_fingerprint
 from lmforge.device import autocast
 from lmforge.errors import LmforgeError
-from lmforge.lora import BaseView, has_adapters
 from lmforge.rewards import RewardFunction, RewardSpec
 from lmforge.stages.common import load_trainable, publish, run_summary, setup
 from lmforge.tasks import is_correct
@@ -134,10 +133,8 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
     sample_records = val_records[:N_SAMPLES]
 
     reference_path = inputs.get("reference") or inputs["policy"]
-    if str(reference_path) == str(inputs["policy"]) and has_adapters(policy):
-        reference = BaseView(policy)  # the policy with its adapters off: no second copy of the weights
-    else:
-        reference = load_reference(reference_path, inputs["policy"], ckpt, device=device, key="ppo.reference")
+    reference = load_reference(reference_path, inputs["policy"], ckpt, device=device, key="ppo.reference",
+                               policy=policy)
     reward_fn = RewardFunction(spec, policy_tokenizer=tok, reward_model_path=inputs.get("reward_model"),
                                device=device, key="ppo.reward_fn")
     batch_size = section["batch_size"]

@@ -79,13 +79,19 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def load_reference(path, policy_path, policy_ckpt: dict, *, device, key: str):
+def load_reference(path, policy_path, policy_ckpt: dict, *, device, key: str, policy=None):
     """A frozen causal LM to measure log-probs against: eval mode, no grads, loaded once.
 
     It must share the policy's tokenizer and vocabulary exactly: log-probs over other
-    ids, or over a wider softmax, are not comparable with the policy's.
+    ids, or over a wider softmax, are not comparable with the policy's. When ``path`` is
+    the policy's own file and ``policy`` (the loaded policy) carries LoRA adapters, the
+    reference is that policy with its adapters off (``lora.BaseView``): no second copy.
     """
     from lmforge.checkpoint import build_model, read_checkpoint
+    from lmforge.lora import BaseView, has_adapters
+
+    if policy is not None and str(path) == str(policy_path) and has_adapters(policy):
+        return BaseView(policy)
 
     try:
         ckpt = read_checkpoint(path)  # read once: checked, then built
