@@ -185,3 +185,12 @@ def test_a_nullable_section_reports_the_objects_own_complaint(lora, message):
     with pytest.raises(LmforgeError, match=message):
         apply_schema({"sft": {"lora": lora}})
     assert apply_schema({"sft": {"lora": None}})["sft"]["lora"] is None
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"dpo": {"rpo_alpha": -1}}, r"^config key 'dpo.rpo_alpha': -1 is less than the minimum of 0"),
+    ({"sft": {"compile": "yes"}}, r"^config key 'sft.compile': expected boolean, got 'yes'"),
+])
+def test_new_training_knobs_name_their_key(override, message):
+    with pytest.raises(LmforgeError, match=message):
+        check_config(override)

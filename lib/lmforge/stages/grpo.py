@@ -63,7 +63,8 @@ def train_prompts(params: dict, inputs: dict, task_data: dict, stage: str = "grp
 def policy_and_prompts(stage: str, section: dict, inputs: dict, records: list[dict], source: str,
                        task_data: dict, device):
     """(policy, tokenizer, checkpoint, training prompts, held-out prompts) of an RL-on-prompts stage:
-    the policy with the section's memory options, and the prompts that leave room for a response."""
+    the policy with the section's training options (lora, gradient_checkpointing, compile), and the
+    prompts that leave room for a response."""
     model, tok, ckpt = load_trainable(inputs["policy"], section, stage, device)
     seq = ckpt["model_config"]["max_seq_len"]
     prompts = fitting_prompts(records, tok, seq)
