@@ -118,7 +118,7 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
                                      grad_accum_steps=tcfg.grad_accum_steps, device=device)
                 stats["train_loss_start"] = evaluate_sft(model, batches)["val_loss"]
                 fingerprint = {"init": init_sha, "seed": params["seed"], "round": r, "packing": section["packing"],
-                               "train_set": samples_digest(kept_all)}
+                               "train_set": samples_digest(kept_all), "lora": section.get("lora")}
                 result = train(model, stage="star", cfg=tcfg, model_config=mcfg, batch_fn=batches.batch,
                                loss_fn=sft_loss, eval_fn=None, ckpt_dir=env.ckpt_dir / f"round_{r}", device=device,
                                fingerprint=fingerprint, run=RoundRun(run, steps))
