@@ -48,7 +48,7 @@ def executed(proc) -> set[str]:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("wf")
-    write_config(workdir)
+    write_config(workdir, threads=None)  # torch's threads left to the rule (see the MLflow test)
     first = snakemake(workdir)
     return workdir, first
 
@@ -109,6 +109,9 @@ def test_mlflow_has_a_run_per_stage_with_lineage(built):
     assert pre.data.params["pretrain.optimizer"] == "adamw" and "model.d_model" in pre.data.params
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "val_loss", "val_ppl", "val_bpb"} <= set(pre.data.metrics)
     assert pre.data.tags["snakemake.rule"] == "pretrain"
+    # threads: null -> torch follows the rule's threads (Snakemake's OMP_NUM_THREADS: 1 under --cores 1),
+    # not every core of the machine
+    assert pre.data.tags["torch.threads"] == "1"
     tok_run = pre.data.tags["lineage.tokenizer.run_id"]
     assert client.get_run(tok_run).info.run_name == "tokenizer"
     assert len(pre.data.tags["lineage.train.sha256"]) == 64

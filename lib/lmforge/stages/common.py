@@ -18,6 +18,8 @@ def setup(env, seed: int) -> torch.device:
     builds the same model.
     """
     set_threads(dist.process_threads(env.threads))
+    # Under Snakemake, OMP_NUM_THREADS (the rule's threads) decides this unless `threads` is set.
+    env.tags = {**env.tags, "torch.threads": str(torch.get_num_threads())}
     seed_everything(seed)
     device = dist.init(resolve_device(env.device))
     if not dist.is_main():
