@@ -189,7 +189,7 @@ def test_default_sizes_and_keys(data):
     assert set(data) == set(builtin.SPLITS)
     d = builtin.BUILTIN_DEFAULTS
     expected = {"sft_train": d["n_sft"], "pref_train": d["n_pref"], "rl_train": d["n_rl"],
-                "sft_val": d["n_val"], "pref_val": d["n_val"], "rl_val": d["n_val"]}
+                "sft_val": d["n_val"], "pref_val": d["n_val"], "rl_val": d["n_val"], "rl_dev": d["n_val"]}
     assert {k: len(v) for k, v in data.items()} == expected
     assert expected["sft_train"] == 6000 and expected["sft_val"] == 200
 
@@ -202,12 +202,28 @@ def test_every_answer_matches_the_reference_solver(data, clean_docs):
 
 def test_train_and_heldout_problems_are_disjoint_across_stages(data):
     train = {prompt_of(r) for s in ("sft_train", "pref_train", "rl_train") for r in data[s]}
-    heldout = {prompt_of(r) for s in ("sft_val", "pref_val", "rl_val") for r in data[s]}
+    heldout = {prompt_of(r) for s in ("sft_val", "pref_val", "rl_val", "rl_dev") for r in data[s]}
     assert heldout and not train & heldout
     # Membership does not depend on the seed.
     other = builtin.make_task_data({"n_sft": 500, "n_pref": 200, "n_rl": 200}, seed=7)
     other_train = {prompt_of(r) for s in ("sft_train", "pref_train", "rl_train") for r in other[s]}
     assert not other_train & heldout
+
+
+# The first rl_val prompts of seed 0, as drawn before rl_dev existed.
+RL_VAL_HEAD = ["Sort the letters of 'autumn' alphabetically.", "What is 71 - 86?",
+               "Sort the letters of 'sock' alphabetically."]
+
+
+def test_checkpoint_selection_prompts_are_not_the_reported_ones(data):
+    # rl_dev picks RL checkpoints, rl_val is what gets reported: no problem in both.
+    assert not {prompt_of(r) for r in data["rl_dev"]} & {prompt_of(r) for r in data["rl_val"]}
+    # Adding rl_dev left the reported split as it was drawn before.
+    assert [prompt_of(r) for r in data["rl_val"][:3]] == RL_VAL_HEAD
+    # Once rl_val has used a task's whole held-out pool, rl_dev reuses it rather than failing.
+    tiny = builtin.make_task_data({"n_sft": 0, "n_pref": 0, "n_rl": 0, "n_val": 300,
+                                   "tasks": {"docstring": 1}, "heldout_fraction": 0.01}, seed=1)
+    assert len(tiny["rl_dev"]) == 300 and len(tiny["rl_val"]) == 300
 
 
 def test_task_mixture_and_noise_shares_are_exact(data):

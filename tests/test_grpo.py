@@ -7,6 +7,7 @@ import torch
 
 from lmforge.checkpoint import load_model, save_model
 from lmforge.config import apply_schema
+from lmforge.data.builtin import make_task_data
 from lmforge.errors import LmforgeError
 from lmforge.model import ModelConfig, Transformer
 from lmforge.rewards import Rewards
@@ -265,6 +266,25 @@ def test_stage_writes_model_and_metrics(tmp_path, policy, reference_loads):
     # reference is the policy itself (KL 0), so the loss has no gradient and the weights stay put.
     start, _, _ = load_model(policy)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), start.state_dict().values()))
+
+
+def test_checkpoints_are_picked_on_rl_dev_and_rl_val_is_only_reported(tmp_path, policy, monkeypatch):
+    asked = []
+    real = grpo_stage.greedy_responses
+
+    def recording(model, tok, prompts, *a, **kw):
+        asked.append(list(prompts))
+        return real(model, tok, prompts, *a, **kw)
+
+    monkeypatch.setattr(grpo_stage, "greedy_responses", recording)
+    stage_run(tmp_path, policy)
+    splits = make_task_data(BUILTIN, 7)
+    dev, val = ({r["prompt"] for r in splits[s]} for s in ("rl_dev", "rl_val"))
+    assert dev and not dev & val
+    selection = [a for a in asked if set(a) <= dev]
+    reported = [a for a in asked if set(a) <= val]
+    # two evaluations (step 2, final) on rl_dev; before/after accuracy and the samples on rl_val
+    assert len(selection) == 2 and len(reported) == len(asked) - 2 >= 2
 
 
 class LengthReward:

@@ -47,7 +47,7 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
     "n_pref": 3000,
     # Prompts in the RL training split.
     "n_rl": 2000,
-    # Records in each held-out split (sft_val, pref_val, rl_val).
+    # Records in each held-out split (sft_val, pref_val, rl_val, rl_dev).
     "n_val": 200,
     # Share of every task's problem space reserved for the held-out splits.
     "heldout_fraction": 0.2,
@@ -60,7 +60,7 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
     "rejected": {"dismissive": 1.0, "wrong": 1.0, "rambling": 1.0},
 }
 
-SPLITS = ("sft_train", "sft_val", "pref_train", "pref_val", "rl_train", "rl_val")
+SPLITS = ("sft_train", "sft_val", "pref_train", "pref_val", "rl_train", "rl_val", "rl_dev")
 UNHELPFUL_KINDS = ("dismissive", "wrong", "rambling")
 
 # Docs shorter than this are mostly auto-generated stubs ("Alias for field number 0").
@@ -598,13 +598,16 @@ def make_task_data(cfg: dict | None, seed: int) -> dict[str, list[dict]]:
         seed: the run seed; the same (cfg, seed) gives identical records.
 
     Returns:
-        {"sft_train", "sft_val", "pref_train", "pref_val", "rl_train", "rl_val"}
+        {"sft_train", "sft_val", "pref_train", "pref_val", "rl_train", "rl_val", "rl_dev"}
         -> list of records:
         - SFT: {"messages": [user, assistant], "task", "answer", "kind"}, kind
           one of helpful/dismissive/wrong/rambling (sft_val: helpful only).
         - preference: {"prompt", "chosen", "rejected", "task", "answer", "rejected_kind"}.
         - RL: {"prompt", "answer", "task"}.
         Train and held-out splits never share a problem (see `is_heldout`).
+        rl_dev (RL stages pick their checkpoint on it) shares no problem with
+        rl_val (what they and the evaluate stage report) while the held-out
+        pool has problems left, so selection never sees the reported prompts.
     """
     opts = _resolve(cfg)
     tasks = {t: w for t, w in opts["tasks"].items() if w > 0}
@@ -628,13 +631,24 @@ def make_task_data(cfg: dict | None, seed: int) -> dict[str, list[dict]]:
         "pref_val": (opts["n_val"], True, _pref_record, opts["rejected"]),
         "rl_train": (opts["n_rl"], False, _rl_record, {"helpful": 1.0}),
         "rl_val": (opts["n_val"], True, _rl_record, {"helpful": 1.0}),
+        "rl_dev": (opts["n_val"], True, _rl_record, {"helpful": 1.0}),
     }
-    data = {}
+    data, drawn = {}, {}
     for split, (size, heldout, make, kinds) in plans.items():
         # One generator per split: changing n_pref leaves sft data untouched.
         rng = random.Random(f"lmforge-builtin:{seed}:{split}")
         task_labels = _shuffled_labels(tasks, size, rng)
-        problems_by_task = {t: iter(_draw(pools[t, heldout], task_labels.count(t), rng)) for t in sorted(tasks)}
+        drawn[split] = {t: _draw(_dev_pool(pools[t, heldout], drawn.get("rl_val", {}).get(t, []))
+                                 if split == "rl_dev" else pools[t, heldout], task_labels.count(t), rng)
+                        for t in sorted(tasks)}
+        problems_by_task = {t: iter(problems) for t, problems in drawn[split].items()}
         kind_labels = _shuffled_labels(kinds, size, rng)
         data[split] = [make(next(problems_by_task[t]), kind, rng) for t, kind in zip(task_labels, kind_labels)]
     return data
+
+
+def _dev_pool(pool: list[Problem], reported: list[Problem]) -> list[Problem]:
+    """The held-out problems rl_val does not use; all of them once rl_val has used up the pool."""
+    used = {p.key for p in reported}
+    rest = [p for p in pool if p.key not in used]
+    return rest or pool

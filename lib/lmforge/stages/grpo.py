@@ -5,9 +5,10 @@ the reward is ``grpo.reward_fn`` (default: the verifiable checker alone). Only
 what the config needs is loaded: the policy, the reference when ``beta > 0``,
 the reward model when ``reward_fn.rm > 0``. Held-out numbers come from the
 built-in ``rl_val`` split (problems disjoint from every training split):
-greedy task accuracy and dismissive rate before (the SFT model) and after;
-the first ``VAL_PROMPTS`` of them pick the best checkpoint
-(``val_loss = -val_accuracy``).
+greedy task accuracy and dismissive rate before (the SFT model) and after.
+The best checkpoint is picked on the first ``VAL_PROMPTS`` prompts of
+``rl_dev`` (``val_loss = -val_accuracy``), which shares no problem with
+``rl_val``: the reported accuracy is not the one selected on.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from lmforge.train.loop import final_weights, train
 from lmforge.train.policy import load_reference
 from lmforge.train.rollout import RolloutSchedule, prompt_stream
 
-VAL_PROMPTS = 100  # held-out prompts greedily answered at each evaluation (checkpoint selection)
+VAL_PROMPTS = 100  # rl_dev prompts greedily answered at each evaluation (checkpoint selection)
 
 
 def prompt_ids(tok, prompt) -> list[int]:
@@ -62,17 +63,18 @@ def train_prompts(params: dict, inputs: dict, task_data: dict, stage: str = "grp
 
 def policy_and_prompts(stage: str, section: dict, inputs: dict, records: list[dict], source: str,
                        task_data: dict, device):
-    """(policy, tokenizer, checkpoint, training prompts, held-out prompts) of an RL-on-prompts stage:
-    the policy with the section's training options (lora, gradient_checkpointing, compile), and the
-    prompts that leave room for a response."""
+    """(policy, tokenizer, checkpoint, training prompts, held-out prompts, selection prompts) of an
+    RL-on-prompts stage: the policy with the section's training options (lora, gradient_checkpointing,
+    compile), and the prompts (rl_val and rl_dev for the last two) that leave room for a response."""
     model, tok, ckpt = load_trainable(inputs["policy"], section, stage, device)
     seq = ckpt["model_config"]["max_seq_len"]
     prompts = fitting_prompts(records, tok, seq)
     if not prompts:
         raise LmforgeError(f"{stage}.data: no prompt in {source} leaves room for a response within "
                            f"model.max_seq_len ({seq})")
-    heldout = fitting_prompts(load_prompts(task_data["rl_val"], key=stage, name="builtin:rl_val"), tok, seq)
-    return model, tok, ckpt, prompts, heldout
+    heldout, dev = (fitting_prompts(load_prompts(task_data[split], key=stage, name=f"builtin:{split}"), tok, seq)
+                    for split in ("rl_val", "rl_dev"))
+    return model, tok, ckpt, prompts, heldout, dev
 
 
 def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
@@ -88,10 +90,10 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
     records, source = train_prompts(params, inputs, task_data)
     spec.check_prompts(records, source, key="grpo.reward_fn")
 
-    model, tok, ckpt, prompts, heldout = policy_and_prompts("grpo", section, inputs, records, source, task_data,
-                                                             device)
+    model, tok, ckpt, prompts, heldout, dev = policy_and_prompts("grpo", section, inputs, records, source,
+                                                                  task_data, device)
     mcfg = ckpt["model_config"]
-    val_records = heldout[:VAL_PROMPTS]
+    val_records = dev[:VAL_PROMPTS]
 
     # ---- frozen models: only those the config asks for -----------------------------
     reference_path = (inputs.get("reference") or section["reference"] or inputs["policy"]) if cfg.beta > 0 else None

@@ -9,9 +9,10 @@ whose problems no training split contains, for the SFT model before and the PPO
 model after: greedy answers (reward, task accuracy, rate of answers that never
 end) and one sampled answer per prompt as in training (reward, score, KL to the
 reference), drawn with a fixed generator so both models see the same draws.
-Every evaluation measures the same, on all held-out prompts (a few seconds for
-the default 200); the best-by-val weights are those with the highest score of
-sampled answers (``val_loss`` = -score).
+Every evaluation during training measures the same on the ``rl_dev`` prompts (a
+few seconds for the default 200), which share no problem with ``rl_val``; the
+best-by-val weights are those with the highest score of sampled answers there
+(``val_loss`` = -score), so the reported ``rl_val`` numbers are not selected on.
 """
 from __future__ import annotations
 
@@ -128,7 +129,8 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
     prompts, source = train_prompts(section, task_data, tok, seq)
     spec.check_prompts(prompts, source, "ppo.reward_fn")
     val_records = fitting(load_prompts(task_data["rl_val"], key="ppo", name="builtin:rl_val"), tok, seq)
-    if not val_records:
+    dev_records = fitting(load_prompts(task_data["rl_dev"], key="ppo", name="builtin:rl_dev"), tok, seq)
+    if not val_records or not dev_records:
         raise LmforgeError(f"ppo: no builtin held-out prompt fits model.max_seq_len ({seq}); raise it")
     sample_records = val_records[:N_SAMPLES]
 
@@ -177,8 +179,8 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
         return loss, {**metrics, **rollout_stats}  # the iteration's rollout statistics, logged at each of its steps
 
     def eval_fn(m: PolicyAndValue) -> dict:
-        h, _ = heldout_metrics(m.policy, tok, val_records, reward_fn, **gen)
-        h_sampled = heldout_sampled(m.policy, reference, tok, val_records, reward_fn, **sampled)
+        h, _ = heldout_metrics(m.policy, tok, dev_records, reward_fn, **gen)
+        h_sampled = heldout_sampled(m.policy, reference, tok, dev_records, reward_fn, **sampled)
         # The best checkpoint is the one with the highest held-out score of sampled answers: what PPO
         # maximises. Greedy answers of the SFT model already score near the reward model's ceiling, so
         # their reward barely moves and would pick checkpoints by noise.

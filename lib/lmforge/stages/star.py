@@ -68,8 +68,8 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
     records, source = train_prompts(params, inputs, task_data, "star")
     require_answers(records, source, key="star.data")
 
-    model, tok, ckpt, prompts, heldout = policy_and_prompts("star", section, inputs, records, source, task_data,
-                                                             device)
+    model, tok, ckpt, prompts, heldout, _ = policy_and_prompts("star", section, inputs, records, source,
+                                                                task_data, device)
     mcfg = ckpt["model_config"]
     seq = mcfg["max_seq_len"]
     # Every round restarts from these weights (STaR retrains from the initial model each iteration).
