@@ -7,6 +7,7 @@ import torch
 
 from lmforge.checkpoint import load_model, save_model
 from lmforge.config import apply_schema
+from lmforge.data.builtin import make_task_data
 from lmforge.errors import LmforgeError
 from lmforge.model import ModelConfig, RewardModel, Transformer
 from lmforge.stages import ppo as stage
@@ -320,6 +321,24 @@ def test_tiny_stage_run_writes_policy_and_metrics(tmp_path, ckpts, value_model, 
         assert it1["kl_coef"] < it0["kl_coef"]
     else:
         assert it1["kl_coef"] == 0.05
+
+
+def test_checkpoints_are_picked_on_rl_dev_and_rl_val_is_only_reported(tmp_path, ckpts, monkeypatch):
+    asked = []
+    real = stage.heldout_metrics
+
+    def recording(policy, tok, records, *a, **kw):
+        asked.append({r["prompt"] for r in records})
+        return real(policy, tok, records, *a, **kw)
+
+    monkeypatch.setattr(stage, "heldout_metrics", recording)
+    params = stage_params()
+    run_stage(tmp_path, params, {"policy": ckpts["policy"], "reward_model": ckpts["reward_model"]})
+    splits = make_task_data(params["data"]["builtin"], params["seed"])
+    dev, val = ({r["prompt"] for r in splits[s]} for s in ("rl_dev", "rl_val"))
+    assert dev and not dev & val
+    # evaluations at steps 2 and 4 on rl_dev; before/after and the logged samples on rl_val
+    assert sum(a <= dev for a in asked) == 2 and all(a <= val for a in asked if not a <= dev)
 
 
 def test_resumed_run_matches_uninterrupted_run(tmp_path, ckpts):
