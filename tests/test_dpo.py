@@ -171,6 +171,28 @@ def test_reference_logps_computed_once_per_pair_and_loss_uses_the_cache(tok):
     assert again.batch(2)["index"].tolist() == batches.batch(2)["index"].tolist()
 
 
+def test_reference_scores_only_the_pairs_a_run_reads_and_repeats_once(tok):
+    examples = encode_dpo_pairs(tok, pairs(6), SEQ)
+    examples = examples + examples[:2] * 3  # on-policy pairs repeated into a mix: 12 pairs, 6 distinct
+    full = reference_logprobs(tiny_model(tok, seed=1), examples, batch_size=4, pad_id=tok.pad_id)
+    batches = DPOBatches(examples, None, batch_size=4, pad_id=tok.pad_id, seed=0)
+    needed = batches.needed(steps=2, eval_limit=1)  # 2 shuffled batches of 4 + the first 4 in data order
+    assert {0, 1, 2, 3} <= needed and needed == {0, 1, 2, 3} | set(sum(
+        (DPOBatches(examples, full, batch_size=4, pad_id=tok.pad_id, seed=0).batch(s)["index"].tolist()
+         for s in range(2)), []))
+    ref = Counting(tiny_model(tok, seed=1))
+    table = reference_logprobs(ref, examples, batch_size=4, pad_id=tok.pad_id, only=needed)
+    distinct = {(tuple(examples[i].prompt), tuple(examples[i].chosen), tuple(examples[i].rejected)) for i in needed}
+    assert ref.rows == 2 * len(distinct) < 2 * len(needed)
+    for i in range(len(examples)):
+        if i in needed:
+            torch.testing.assert_close(table[i], full[i])
+        else:
+            assert torch.isnan(table[i]).all()
+    batches.set_reference(table)
+    assert not torch.isnan(batches.batch(1)["ref_chosen"]).any()
+
+
 def test_training_on_one_pair_raises_its_margin(tok):
     examples = encode_dpo_pairs(tok, pairs(1), SEQ)
     policy = tiny_model(tok, seed=3).train()

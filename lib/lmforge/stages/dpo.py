@@ -4,7 +4,7 @@ The policy starts from the SFT checkpoint; the reference is ``dpo.reference``
 when set, else the SFT model itself. The static pairs are ``dpo.data`` (a
 record file) or the built-in ``pref_train`` split; ``dpo.on_policy`` swaps them
 for the scoring stage's on-policy pairs (true) or mixes both (mixed). The reference's log-probs of every training
-and held-out pair are computed once, before training, and the reference is
+pair the run reads and every held-out pair are computed once, before training, and the reference is
 then dropped: during training memory holds only the policy and its optimizer.
 Held-out numbers always come from the built-in ``pref_val`` split.
 """
@@ -83,19 +83,22 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
     train_ex, val_ex = encode_dpo_pairs(tok, pairs, seq), encode_dpo_pairs(tok, val_pairs, seq)
     n_truncated = sum(e.truncated for e in train_ex)
 
-    # The reference is frozen: score every pair with it once, then let it go. Without dpo.reference it
-    # is the SFT model, i.e. the policy before its first step (a resumed run loads its weights later).
+    batching = dict(pad_id=tok.pad_id, seed=params["seed"], device=device)
+    train_batches = DPOBatches(train_ex, None, batch_size=tcfg.batch_size,
+                               grad_accum_steps=tcfg.grad_accum_steps, **batching)
+    val_batches = DPOBatches(val_ex, None, batch_size=tcfg.batch_size, **batching)
+    # The reference is frozen: score each pair the run will read with it once, then let it go (the
+    # training stream may hold more pairs than max_steps reaches). Without dpo.reference it is the
+    # SFT model, i.e. the policy before its first step (a resumed run loads its weights later).
     t0 = time.perf_counter()
     scorer = ref_model if ref_model is not None else policy
     cache = dict(batch_size=tcfg.batch_size, pad_id=tok.pad_id, device=device)
-    ref_train, ref_val = reference_logprobs(scorer, train_ex, **cache), reference_logprobs(scorer, val_ex, **cache)
+    train_batches.set_reference(reference_logprobs(scorer, train_ex, **cache,
+                                                   only=train_batches.needed(tcfg.max_steps, tcfg.eval_steps)))
+    val_batches.set_reference(reference_logprobs(scorer, val_ex, **cache))
     del scorer, ref_model
     ref_s = time.perf_counter() - t0
 
-    batching = dict(pad_id=tok.pad_id, seed=params["seed"], device=device)
-    train_batches = DPOBatches(train_ex, ref_train, batch_size=tcfg.batch_size,
-                               grad_accum_steps=tcfg.grad_accum_steps, **batching)
-    val_batches = DPOBatches(val_ex, ref_val, batch_size=tcfg.batch_size, **batching)
     print(f"dpo: {len(train_ex)} pairs ({n_truncated} truncated, {n_skipped} left out: prompt too long), "
           f"{len(val_ex)} held out, beta {beta}, loss {section['loss_type']}, {tcfg.grad_accum_steps}x"
           f"{tcfg.batch_size} pairs per step, reference log-probs in {ref_s:.1f}s, on {device}")

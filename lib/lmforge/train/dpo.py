@@ -23,7 +23,7 @@ implicit reward of a response; the metrics use TRL's names for it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -154,23 +154,32 @@ def pair_logprobs(model, completions: CompletionBatch) -> tuple[torch.Tensor, to
 
 @torch.no_grad()
 def reference_logprobs(model, examples: Sequence[DPOExample], *, batch_size: int, pad_id: int,
-                       device=None) -> torch.Tensor:
-    """The frozen reference's log-probs of every pair, (N, 2) float32 [chosen, rejected], one pass.
+                       device=None, only: Iterable[int] | None = None) -> torch.Tensor:
+    """The frozen reference's log-probs of the pairs, (N, 2) float32 [chosen, rejected], one pass.
 
-    Pairs are grouped by length so a batch carries little padding; the table is
-    indexed by pair, in ``examples`` order.
+    The table is indexed by pair, in ``examples`` order. ``only``: the indices a run
+    will read (``DPOBatches.needed``); the other rows are NaN, so a read of one
+    shows. A pair that occurs several times (on-policy pairs repeated into a
+    mix) is computed once. Pairs are grouped by length so a batch carries little
+    padding.
     """
     was_training = model.training
     model.eval()
     device = torch.device(device) if device is not None else torch.device("cpu")
-    table = torch.zeros((len(examples), 2), dtype=torch.float32)
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt) + max(
-        len(examples[i].chosen), len(examples[i].rejected)))
+    table = torch.full((len(examples), 2), float("nan"), dtype=torch.float32)
+    copies: dict[tuple, list[int]] = {}
+    for i in sorted(set(range(len(examples)) if only is None else only)):
+        e = examples[i]
+        copies.setdefault((tuple(e.prompt), tuple(e.chosen), tuple(e.rejected)), []).append(i)
+    order = sorted(copies.values(), key=lambda c: len(examples[c[0]].prompt) + max(
+        len(examples[c[0]].chosen), len(examples[c[0]].rejected)))
     for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
+        groups = order[s:s + batch_size]
         with autocast(device):
-            logp_c, logp_r = pair_logprobs(model, pair_completions([examples[i] for i in idx], pad_id, device))
-        table[idx] = torch.stack([logp_c, logp_r], dim=1).float().cpu()
+            logp_c, logp_r = pair_logprobs(model, pair_completions([examples[g[0]] for g in groups], pad_id, device))
+        rows = torch.stack([logp_c, logp_r], dim=1).float().cpu()
+        for row, group in zip(rows, groups):
+            table[group] = row
     model.train(was_training)
     return table
 
@@ -186,29 +195,46 @@ class DPOBatches:
     "ref_rejected": (B,), "index": (B,) pair indices}``.
     """
 
-    def __init__(self, examples: Sequence[DPOExample], ref_logps: torch.Tensor, *, batch_size: int, pad_id: int,
-                 seed: int, grad_accum_steps: int = 1, device=None):
+    def __init__(self, examples: Sequence[DPOExample], ref_logps: torch.Tensor | None, *, batch_size: int,
+                 pad_id: int, seed: int, grad_accum_steps: int = 1, device=None):
         if not examples:
             raise ValueError("DPOBatches needs at least one pair")
-        if ref_logps.shape != (len(examples), 2):
-            raise ValueError(f"ref_logps must be ({len(examples)}, 2), got {tuple(ref_logps.shape)}")
-        self.examples, self.ref, self.pad_id, self.seed = list(examples), ref_logps, pad_id, seed
+        self.examples, self.pad_id, self.seed = list(examples), pad_id, seed
         self.accum, self.device = grad_accum_steps, device
+        self.ref: torch.Tensor | None = None
+        if ref_logps is not None:  # else set_reference, once `needed` has said which pairs to score
+            self.set_reference(ref_logps)
         self.batch_size = min(batch_size, len(self.examples))
         self.per_epoch = len(self.examples) // self.batch_size
         self._order: tuple[int, list[int]] | None = None
 
+    def needed(self, steps: int, eval_limit: int | None = None) -> set[int]:
+        """The pair indices that ``steps`` optimizer steps and ``eval_batches(eval_limit)`` read."""
+        drawn = {i for step in range(steps) for micro in range(self.accum) for i in self._indices(step, micro)}
+        starts = list(range(0, len(self.examples), self.batch_size))[:eval_limit]
+        return drawn | {i for start in starts for i in range(start, min(start + self.batch_size, len(self.examples)))}
+
+    def set_reference(self, ref_logps: torch.Tensor) -> None:
+        if ref_logps.shape != (len(self.examples), 2):
+            raise ValueError(f"ref_logps must be ({len(self.examples)}, 2), got {tuple(ref_logps.shape)}")
+        self.ref = ref_logps
+
     def make(self, indices: Sequence[int]) -> dict:
+        if self.ref is None:
+            raise ValueError("DPOBatches: no reference log-probs yet (set_reference)")
         index = torch.tensor(list(indices), dtype=torch.long)
         ref = self.ref[index].to(self.device) if self.device is not None else self.ref[index]
         return {"completions": pair_completions([self.examples[i] for i in indices], self.pad_id, self.device),
                 "ref_chosen": ref[:, 0], "ref_rejected": ref[:, 1], "index": index}
 
     def batch(self, step: int, micro: int = 0) -> dict:
+        return self.make(self._indices(step, micro))
+
+    def _indices(self, step: int, micro: int) -> list[int]:
         epoch, k = divmod(step * self.accum + micro, self.per_epoch)
         if self._order is None or self._order[0] != epoch:
             self._order = (epoch, epoch_order(len(self.examples), self.seed, epoch))
-        return self.make(self._order[1][k * self.batch_size:(k + 1) * self.batch_size])
+        return self._order[1][k * self.batch_size:(k + 1) * self.batch_size]
 
     def eval_batches(self, limit: int | None = None) -> Iterator[dict]:
         """Every pair in data order (or the first ``limit`` batches)."""
