@@ -1,7 +1,7 @@
 """Decoding tokens/s with the KV cache: lmforge's generate vs transformers' generate, same weights, same process.
 
     .venv/bin/python bench/decode_speed.py [--batch 1 16] [--prompt-len 32] [--new-tokens 128] [--repeats 5]
-                                           [--compile] [--hf-compile]
+                                           [--compile] [--hf-compile] [--device cuda]
 
 Greedy, a fixed number of new tokens (no stop token on either side), prompts of
 equal length. The samplers take turns run by run so machine noise hits all
@@ -15,6 +15,8 @@ the greedy tokens of each are compared with transformers' as a check that they r
 through torch.compile). Their warm-up run compiles, and its time is reported as "first call":
 a cold compile, as the bench points torch's compile cache (TORCHINDUCTOR_CACHE_DIR) at an
 empty temporary folder unless that variable is set.
+--device cuda runs both on the GPU (fp32 weights, as the stages sample), the GPU synchronised
+before each call's clock stops (transformers' tokens are copied to the host, as ours are).
 """
 from __future__ import annotations
 
@@ -81,18 +83,20 @@ def run_hf(hf, prompts: torch.Tensor, new: int, compile: bool = False) -> torch.
         kw = dict(cache_implementation="static", compile_config=config)
     out = hf.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new,
                       min_new_tokens=new, do_sample=False, **kw)
-    return out[:, prompts.shape[1]:]
+    return out[:, prompts.shape[1]:].cpu()  # ours returns host lists: both clocks stop with tokens on the host
 
 
 def bench_batch(model, hf, batch: int, prompt_len: int, new: int, repeats: int, *, compile: bool = False,
                 hf_compile: bool = False) -> dict:
     g = torch.Generator().manual_seed(batch)
     prompts = torch.randint(0, model.cfg.vocab_size, (batch, prompt_len), generator=g)
-    runners = {"lmforge": lambda: run_ours(model, prompts, new), "transformers": lambda: run_hf(hf, prompts, new)}
+    hf_prompts = prompts.to(next(hf.parameters()).device)
+    runners = {"lmforge": lambda: run_ours(model, prompts, new),
+               "transformers": lambda: run_hf(hf, hf_prompts, new)}
     if compile:
         runners["lmforge compiled"] = lambda: run_ours(model, prompts, new, compile=True)
     if hf_compile:
-        runners["transformers compiled"] = lambda: run_hf(hf, prompts, new, compile=True)
+        runners["transformers compiled"] = lambda: run_hf(hf, hf_prompts, new, compile=True)
     times = {k: [] for k in runners}
     first = {}
     tokens = {}
@@ -134,6 +138,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time generate(..., compile=True)")
     ap.add_argument("--hf-compile", action="store_true",
                     help="also time transformers with its static cache and torch.compile")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -143,8 +148,11 @@ def main() -> None:
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_dict(CFG)).eval()
     hf = hf_copy(model)
-    results = {"threads": args.threads, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens}
-    print(f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, {args.threads} threads")
+    model, hf = model.to(args.device), hf.to(args.device)
+    results = {"threads": args.threads, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+               "device": args.device}
+    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else f"{args.threads} threads"
+    print(f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, {where}")
     results["cpu_pressure_before"] = cpu_pressure()
     print("cpu pressure before:", results["cpu_pressure_before"])
     for b in args.batch:

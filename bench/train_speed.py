@@ -1,6 +1,7 @@
 """Training tokens/s: lmforge's Transformer vs transformers' LlamaForCausalLM, same config, same process.
 
     .venv/bin/python bench/train_speed.py [--steps 12] [--threads 2] [--ablate] [--compile]
+                                          [--device cuda] [--batch 8]
 
 Config (the reference peer setup): vocab 8192, d 256, 4 layers, 8 heads / 2 kv
 heads, ffn 688, tied embeddings, batch 8 x 256, AdamW, fp32. A step is forward,
@@ -15,6 +16,8 @@ machine's fp32 matmul peak, measured in the same run.
 --ablate adds "lmforge, unfused loss" (logits -> F.cross_entropy, as theirs);
 --compile adds "lmforge, compiled" (``Transformer.torch_compile``: the trunk through
 torch.compile; its first step, which includes compiling, is reported).
+--device cuda runs both on the GPU under bf16 autocast (what the training loop uses there), with
+the GPU synchronised around each timed step, and MFU against a bf16 matmul peak measured there.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from lmforge.device import autocast
 from lmforge.model import ModelConfig, Transformer
 from lmforge.train.lm import lm_loss
 from lmforge.train.optim import build_optimizer
@@ -37,15 +41,23 @@ CFG = dict(vocab_size=8192, d_model=256, n_layers=4, n_heads=8, n_kv_heads=2, d_
 BATCH, SEQ = 8, 256
 
 
-def matmul_peak(n: int = 1024, reps: int = 20) -> float:
-    """Best fp32 FLOP/s of an n x n matmul on the current thread setting."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device, reps: int = 20) -> float:
+    """Best FLOP/s of an n x n matmul: fp32 (n 1024) on the CPU's thread setting, bf16 (n 8192) on CUDA."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
     times = []
     for _ in range(reps):
+        sync(device)
         t = time.perf_counter()
         a @ b
+        sync(device)
         times.append(time.perf_counter() - t)
     return 2 * n**3 / min(times)
 
@@ -69,27 +81,30 @@ def logits_loss(logits_of):
     return loss_of
 
 
-def step_fn(model, loss_of, optimizer):
+def step_fn(model, loss_of, optimizer, device: torch.device, batch: int):
     g = torch.Generator().manual_seed(0)
 
     def step() -> float:
-        x = torch.randint(0, CFG["vocab_size"], (BATCH, SEQ + 1), generator=g)
+        x = torch.randint(0, CFG["vocab_size"], (batch, SEQ + 1), generator=g).to(device)
+        sync(device)
         t = time.perf_counter()
-        loss = loss_of(model, x[:, :-1], x[:, 1:])
+        with autocast(device):
+            loss = loss_of(model, x[:, :-1], x[:, 1:])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        sync(device)
         return time.perf_counter() - t
     return step
 
 
-def contestants(cfg: ModelConfig, ablate: bool, compile_: bool) -> dict:
+def contestants(cfg: ModelConfig, ablate: bool, compile_: bool, device: torch.device) -> dict:
     """name -> (model, loss_of(model, x, y), optimizer); every lmforge model starts from the same weights."""
     torch.manual_seed(0)
-    ours = Transformer(cfg)
+    ours = Transformer(cfg).to(device)
 
     def ours_copy():
-        m = Transformer(cfg)
+        m = Transformer(cfg).to(device)
         m.load_state_dict(ours.state_dict())
         return m
 
@@ -100,7 +115,7 @@ def contestants(cfg: ModelConfig, ablate: bool, compile_: bool) -> dict:
         return torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
 
     out = {"lmforge": (ours, lambda m, x, y: lm_loss(m, (x, y))[0], adamw(ours))}
-    peer = hf_model(cfg)
+    peer = hf_model(cfg).to(device)
     out["transformers"] = (peer, logits_loss(lambda m, x: m(input_ids=x).logits), hf_adamw(peer))
     if ablate:
         m = ours_copy()
@@ -121,13 +136,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ablate", action="store_true", help="also time lmforge with the unfused loss")
     ap.add_argument("--compile", action="store_true", help="also time lmforge under torch.compile")
+    ap.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (bf16 autocast)")
+    ap.add_argument("--batch", type=int, default=BATCH, help="sequences of 256 tokens per step")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     cfg = ModelConfig.from_dict(CFG)
-    runs = contestants(cfg, args.ablate, args.compile)
+    runs = contestants(cfg, args.ablate, args.compile, device)
     n_params = runs["lmforge"][0].num_params()
-    steps = {name: step_fn(*run) for name, run in runs.items()}
+    steps = {name: step_fn(*run, device, args.batch) for name, run in runs.items()}
     times = {k: [] for k in steps}
     first = {}
     for i in range(args.warmup + args.steps):
@@ -137,16 +155,17 @@ def main() -> None:
                 first[name] = dt  # includes compilation for a compiled model
             if i >= args.warmup:
                 times[name].append(dt)
-    peak = matmul_peak()
-    tokens = BATCH * SEQ
-    out = {"n_params": n_params, "tokens_per_step": tokens, "threads": args.threads,
+    peak = matmul_peak(device)
+    tokens = args.batch * SEQ
+    out = {"n_params": n_params, "tokens_per_step": tokens, "threads": args.threads, "device": str(device),
            "matmul_peak_gflops": peak / 1e9, "steps_timed": args.steps}
     for name, ts in times.items():
         tps = tokens / statistics.median(ts)
         out[name] = {"tokens_per_s": tps, "mfu": 6 * n_params * tps / peak, "step_s": statistics.median(ts),
                      "first_step_s": first[name]}
     base = out["transformers"]["tokens_per_s"]
-    print(f"params {n_params:,}  fp32 matmul peak {peak / 1e9:.0f} GFLOP/s  ({args.threads} threads)")
+    where = torch.cuda.get_device_name(device) + ", bf16" if device.type == "cuda" else f"{args.threads} threads, fp32"
+    print(f"params {n_params:,}  batch {args.batch}x{SEQ}  matmul peak {peak / 1e9:.0f} GFLOP/s  ({where})")
     for name in steps:
         r = out[name]
         r["vs_transformers"] = r["tokens_per_s"] / base

@@ -42,6 +42,8 @@ by weight. How the pieces are decided:
 
 from __future__ import annotations
 
+import hashlib
+
 import itertools
 import math
 import re
@@ -350,8 +352,12 @@ def _open(spec: SourceSpec) -> IterableDataset:
     kind = spec.kind
     if kind == "builtin":
         # The embedded corpus goes through the same dataset path as every other source.
-        documents = _builtin_documents(spec.source.partition(":")[2] or "pretrain")
-        return datasets.Dataset.from_dict({"text": list(documents)}).to_iterable_dataset()
+        documents = list(_builtin_documents(spec.source.partition(":")[2] or "pretrain"))
+        # The fingerprint is the text's digest: Dataset.from_dict would hash the table by pickling it
+        # with dill, which fails on some Python 3.12 installs (pyarrow's MonthDayNano type).
+        digest = hashlib.sha256("\0".join(documents).encode()).hexdigest()[:16]
+        table = datasets.table.InMemoryTable.from_pydict({"text": documents})
+        return datasets.Dataset(table, fingerprint=digest).to_iterable_dataset()
     try:
         if kind == "files":
             files = _prescan_files(spec)
