@@ -1,7 +1,7 @@
 """Training tokens/s: lmforge's Transformer vs transformers' LlamaForCausalLM, same config, same process.
 
     .venv/bin/python bench/train_speed.py [--steps 12] [--threads 2] [--ablate] [--compile]
-                                          [--device cuda] [--batch 8]
+                                          [--device cuda] [--batch 8] [--chunk-elements N ...]
 
 Config (the reference peer setup): vocab 8192, d 256, 4 layers, 8 heads / 2 kv
 heads, ffn 688, tied embeddings, batch 8 x 256, AdamW, fp32. A step is forward,
@@ -16,6 +16,8 @@ machine's fp32 matmul peak, measured in the same run.
 --ablate adds "lmforge, unfused loss" (logits -> F.cross_entropy, as theirs);
 --compile adds "lmforge, compiled" (``Transformer.torch_compile``: the trunk through
 torch.compile; its first step, which includes compiling, is reported).
+--chunk-elements N adds "lmforge, chunk N": the fused loss with N logits per chunk instead of
+``lmforge.train.lm.CHUNK_ELEMENTS`` (sized for CPU caches; fewer, bigger chunks launch fewer kernels on a GPU).
 --device cuda runs both on the GPU under bf16 autocast (what the training loop uses there), with
 the GPU synchronised around each timed step, and MFU against a bf16 matmul peak measured there.
 """
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 
 from lmforge.device import autocast
 from lmforge.model import ModelConfig, Transformer
+from lmforge.train import lm
 from lmforge.train.lm import lm_loss
 from lmforge.train.optim import build_optimizer
 
@@ -98,7 +101,19 @@ def step_fn(model, loss_of, optimizer, device: torch.device, batch: int):
     return step
 
 
-def contestants(cfg: ModelConfig, ablate: bool, compile_: bool, device: torch.device) -> dict:
+def chunked_loss(elements: int):
+    """lm_loss with the fused loss's chunk set to ``elements`` logits for this call only."""
+    def loss_of(m, x, y):
+        default, lm.CHUNK_ELEMENTS = lm.CHUNK_ELEMENTS, elements
+        try:
+            return lm_loss(m, (x, y))[0]
+        finally:
+            lm.CHUNK_ELEMENTS = default
+    return loss_of
+
+
+def contestants(cfg: ModelConfig, ablate: bool, compile_: bool, device: torch.device,
+                chunk_elements: tuple[int, ...] = ()) -> dict:
     """name -> (model, loss_of(model, x, y), optimizer); every lmforge model starts from the same weights."""
     torch.manual_seed(0)
     ours = Transformer(cfg).to(device)
@@ -120,6 +135,9 @@ def contestants(cfg: ModelConfig, ablate: bool, compile_: bool, device: torch.de
     if ablate:
         m = ours_copy()
         out["lmforge, unfused loss"] = (m, logits_loss(lambda m, x: m(x)), adamw(m))
+    for elements in chunk_elements:
+        m = ours_copy()
+        out[f"lmforge, chunk {elements}"] = (m, chunked_loss(elements), adamw(m))
     if compile_:
         # A fresh inductor cache: the reported first step is a cold compile, as on a new machine.
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
@@ -138,12 +156,14 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time lmforge under torch.compile")
     ap.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (bf16 autocast)")
     ap.add_argument("--batch", type=int, default=BATCH, help="sequences of 256 tokens per step")
+    ap.add_argument("--chunk-elements", type=int, nargs="*", default=[],
+                    help="also time the fused loss with these chunk sizes (logits per chunk)")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cfg = ModelConfig.from_dict(CFG)
-    runs = contestants(cfg, args.ablate, args.compile, device)
+    runs = contestants(cfg, args.ablate, args.compile, device, tuple(args.chunk_elements))
     n_params = runs["lmforge"][0].num_params()
     steps = {name: step_fn(*run, device, args.batch) for name, run in runs.items()}
     times = {k: [] for k in steps}
