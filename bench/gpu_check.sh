@@ -9,36 +9,42 @@
 #   bench/gpu_check.sh [OUTDIR] [SECONDS_FOR_STEP_4]     (default results/gpu, 240)
 #   STEPS=24 bench/gpu_check.sh ...                      runs only steps 2 and 4
 #
-# python3 must import torch (with CUDA), transformers, snakemake and the packages of
-# requirements.lock; lmforge is taken from lib/. MLflow tracking is off (results/ are the record).
+# $PYTHON (default: .venv/bin/python after `make setup`, else python3) must import torch with CUDA,
+# transformers, snakemake and the packages of requirements.lock; lmforge is taken from lib/.
+# MLflow tracking is off (results/ are the record).
 set -uo pipefail
 out=$(realpath -m "${1:-results/gpu}")
 budget=${2:-240}
 steps=${STEPS:-1234}
+if [[ -z ${PYTHON:-} ]]; then
+    if [[ -x .venv/bin/python ]]; then PYTHON=$PWD/.venv/bin/python; else PYTHON=python3; fi
+fi
 mkdir -p "$out"
 export PYTHONPATH="$PWD/lib${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 stamp() { date +%s.%N; }
-took() { python3 -c "print(f'{$(stamp) - $1:.1f}')"; }
+took() { "$PYTHON" -c "print(f'{$(stamp) - $1:.1f}')"; }
 
-python3 -c "import torch, transformers, datasets, pyarrow; print('torch', torch.__version__, 'transformers',
+"$PYTHON" -c "import torch; raise SystemExit(not torch.cuda.is_available())" || {
+    echo "bench/gpu_check.sh: $PYTHON sees no CUDA device (torch.cuda.is_available() is False)" >&2; exit 1; }
+"$PYTHON" -c "import torch, transformers, datasets, pyarrow; print('torch', torch.__version__, 'transformers',
       transformers.__version__, 'datasets', datasets.__version__, 'pyarrow', pyarrow.__version__, torch.cuda.get_device_name())" | tee "$out/summary.txt"
 
 step() { [[ $steps == *$1* ]]; }
 
 step 1 && { echo "== 1. tests/test_cuda.py" | tee -a "$out/summary.txt"
-python3 -m pytest -q -p no:cacheprovider -s tests/test_cuda.py > "$out/pytest.log" 2>&1
+"$PYTHON" -m pytest -q -p no:cacheprovider -s tests/test_cuda.py > "$out/pytest.log" 2>&1
 echo "pytest exit $? : $(tail -1 "$out/pytest.log")" | tee -a "$out/summary.txt"; }
 
 work=$(mktemp -d)
 step 2 && { echo "== 2. snakemake all, tiny config, device cuda" | tee -a "$out/summary.txt"
-python3 - "$work" <<'EOF'
+"$PYTHON" - "$work" <<'EOF'
 import sys, yaml
 cfg = yaml.safe_load(open("tests/data/tiny.yaml"))
 cfg.update(device="cuda", tracking={"enabled": False, "uri": None})
 yaml.safe_dump(cfg, open(f"{sys.argv[1]}/config.yaml", "w"))
 EOF
 t=$(stamp)
-python3 -m snakemake --scheduler greedy -s "$PWD/Snakefile" --directory "$work" --configfile "$work/config.yaml" --cores 4 all \
+"$PYTHON" -m snakemake --scheduler greedy -s "$PWD/Snakefile" --directory "$work" --configfile "$work/config.yaml" --cores 4 all \
     > "$out/tiny_all.log" 2>&1
 echo "snakemake exit $? in $(took "$t") s; devices: $(grep -ho '"device": "[a-z:0-9]*"' "$work"/results/*/metrics.json | sort | uniq -c | tr '\n' ' ')" \
     | tee -a "$out/summary.txt"
@@ -47,24 +53,24 @@ cp "$work/results/eval/metrics.csv" "$out/tiny_eval_metrics.csv" 2>/dev/null || 
 step 3 && { echo "== 3. benches" | tee -a "$out/summary.txt"
 # Bigger fused-loss chunks (2^24, 2^26 logits) against the CPU-sized default: fewer kernel launches.
 for batch in 8 64; do
-    python3 bench/train_speed.py --device cuda --compile --batch "$batch" --steps 20 --chunk-elements 16777216 67108864 \
+    "$PYTHON" bench/train_speed.py --device cuda --compile --batch "$batch" --steps 20 --chunk-elements 16777216 67108864 \
         2>&1 | grep -v Warning | tee -a "$out/summary.txt"
 done
-python3 bench/decode_speed.py --device cuda --compile --json "$out/decode_speed.json" 2>&1 | grep -v Warning \
+"$PYTHON" bench/decode_speed.py --device cuda --compile --json "$out/decode_speed.json" 2>&1 | grep -v Warning \
     | tee -a "$out/summary.txt"; }
 
 step 4 || exit 0
 echo "== 4. embedded default on the GPU (budget ${budget} s)" | tee -a "$out/summary.txt"
 printf 'device: cuda\ntracking: {enabled: false}\n' > "$work/gpu.yaml"
 t=$(stamp)
-timeout "$budget" python3 -m snakemake --scheduler greedy --cores 4 results/dpo/model.pt --configfile config/config.yaml "$work/gpu.yaml" \
+timeout "$budget" "$PYTHON" -m snakemake --scheduler greedy --cores 4 results/dpo/model.pt --configfile config/config.yaml "$work/gpu.yaml" \
     > "$out/default.log" 2>&1
 echo "results/dpo/model.pt: exit $? in $(took "$t") s" | tee -a "$out/summary.txt"
-left=$(python3 -c "print(max(1, int($budget - ($(stamp) - $t))))")
+left=$("$PYTHON" -c "print(max(1, int($budget - ($(stamp) - $t))))")
 t=$(stamp)
-timeout "$left" python3 -m snakemake --scheduler greedy --cores 4 all --configfile config/config.yaml "$work/gpu.yaml" >> "$out/default.log" 2>&1
+timeout "$left" "$PYTHON" -m snakemake --scheduler greedy --cores 4 all --configfile config/config.yaml "$work/gpu.yaml" >> "$out/default.log" 2>&1
 echo "all (afterwards): exit $? in $(took "$t") s" | tee -a "$out/summary.txt"
-python3 - "$out" <<'EOF' | tee -a "$out/summary.txt"
+"$PYTHON" - "$out" <<'EOF' | tee -a "$out/summary.txt"
 import json, pathlib, sys
 for m in sorted(pathlib.Path("results").glob("*/metrics.json")):
     d = json.loads(m.read_text())
