@@ -43,7 +43,6 @@ by weight. How the pieces are decided:
 from __future__ import annotations
 
 import hashlib
-
 import itertools
 import math
 import re

@@ -211,8 +211,7 @@ class DPOBatches:
     def needed(self, steps: int, eval_limit: int | None = None) -> set[int]:
         """The pair indices that ``steps`` optimizer steps and ``eval_batches(eval_limit)`` read."""
         drawn = {i for step in range(steps) for micro in range(self.accum) for i in self._indices(step, micro)}
-        starts = list(range(0, len(self.examples), self.batch_size))[:eval_limit]
-        return drawn | {i for start in starts for i in range(start, min(start + self.batch_size, len(self.examples)))}
+        return drawn | {i for batch in self._eval_indices(eval_limit) for i in batch}
 
     def set_reference(self, ref_logps: torch.Tensor) -> None:
         if ref_logps.shape != (len(self.examples), 2):
@@ -238,11 +237,12 @@ class DPOBatches:
 
     def eval_batches(self, limit: int | None = None) -> Iterator[dict]:
         """Every pair in data order (or the first ``limit`` batches)."""
-        starts = range(0, len(self.examples), self.batch_size)
-        for b, i in enumerate(starts):
-            if limit is not None and b >= limit:
-                return
-            yield self.make(range(i, min(i + self.batch_size, len(self.examples))))
+        for indices in self._eval_indices(limit):
+            yield self.make(indices)
+
+    def _eval_indices(self, limit: int | None) -> list[range]:
+        n = len(self.examples)
+        return [range(i, min(i + self.batch_size, n)) for i in range(0, n, self.batch_size)][:limit]
 
 
 # --------------------------------------------------------------------------- loss_fn / eval_fn for the loop
