@@ -357,3 +357,17 @@ def test_model_without_trainable_parameters():
 def test_bad_schedule_arguments(kwargs, message):
     with pytest.raises(LmforgeError, match="train.scheduler: " + message):
         lr_factor(0, **kwargs)
+
+
+def test_stages_start_without_importing_pytorch_optimizer():
+    # It pulls in transformers and torch.distributed.tensor (~1.3 s per rule); only Lion, Sophia and Muon need it.
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, lmforge.stages.sft, lmforge.stages.dpo\n"
+            "from lmforge.train.optim import build_optimizer, needs_hessian\n"
+            "opt = build_optimizer(torch.nn.Linear(2, 2), name='adamw', lr=1e-3)\n"
+            "assert not needs_hessian(opt)\n"
+            "print('pytorch_optimizer' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -37,12 +37,12 @@ import contextlib
 import functools
 import inspect
 import math
+import sys
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from pytorch_optimizer import Lion, Muon, SophiaH
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -186,17 +186,25 @@ def _adafactor(groups, lr, betas, eps, key, extra) -> torch.optim.Optimizer:
     return torch.optim.Adafactor(groups, **kwargs)
 
 
+# pytorch_optimizer is imported where one of its optimizers is built: importing it pulls in
+# transformers and torch.distributed.tensor, ~1.3 s of every stage's start-up otherwise.
 def _lion(groups, lr, betas, eps, key, extra) -> torch.optim.Optimizer:
+    from pytorch_optimizer import Lion
+
     kwargs = _options(Lion, "lion", key, extra, lr=lr, **_betas(betas))
     return Lion(groups, **kwargs)
 
 
 def _sophia(groups, lr, betas, eps, key, extra) -> torch.optim.Optimizer:
+    from pytorch_optimizer import SophiaH
+
     kwargs = _options(SophiaH, "sophia", key, extra, lr=lr, **_betas(betas))
     return SophiaH(groups, **kwargs)
 
 
 def _muon(groups, lr, betas, eps, key, extra) -> torch.optim.Optimizer:
+    from pytorch_optimizer import Muon
+
     # Moonlight's shape-aware scaling (0.2·sqrt(max(rows, cols))) gives the orthogonal
     # update AdamW's RMS, so the one configured lr and weight decay serve both halves.
     # The adamw_* constructor defaults are overridden per group below, so refuse them.
@@ -272,7 +280,8 @@ def needs_hessian(optimizer: torch.optim.Optimizer) -> bool:
     ``optimizer.zero_grad(set_to_none=True)`` after the step (the default), which
     frees the graph the gradients hold. Its ``step()`` takes no arguments.
     """
-    return isinstance(optimizer, SophiaH)
+    library = sys.modules.get("pytorch_optimizer")  # not imported yet: no SophiaH exists
+    return library is not None and isinstance(optimizer, library.SophiaH)
 
 
 def hessian_due(optimizer: torch.optim.Optimizer) -> bool:
