@@ -154,3 +154,19 @@ def test_bytes_per_token_by_hand(tok):
     n_tokens = sum(len(tok.encode(t)) for t in texts)
     assert bytes_per_token(tok, texts) == pytest.approx(n_bytes / n_tokens)
     assert bytes_per_token(tok, []) == 0.0
+
+
+def test_split_digits_gives_every_digit_its_own_token(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [f"{s} costs {n} and {n * 7} more." for s in sentences(300, seed=3) for n in (12, 345, 6789)]
+    merged = LMTokenizer.train(texts, vocab_size=400)
+    split = LMTokenizer.train(texts, vocab_size=400, split_digits=True)
+    number = "It costs 6789, not 12."
+    assert any(sum(c.isdigit() for c in t) > 1 for t in merged.tok.encode(number).tokens)  # BPE merged digits
+    pieces = split.tok.encode(number).tokens
+    assert [t for t in pieces if any(c.isdigit() for c in t)] == list("678912")
+    for text in (number, " -40 + 1.5e3", "x1y22"):
+        assert split.decode(split.encode(text)) == text
+    split.save(tmp_path)  # the pre-tokenizer travels in tokenizer.json: transformers splits the same way
+    assert PreTrainedTokenizerFast.from_pretrained(tmp_path).encode(number, add_special_tokens=False) == split.encode(number)

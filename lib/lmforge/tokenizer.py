@@ -46,11 +46,16 @@ class LMTokenizer:
 
     # ---- construction -------------------------------------------------------
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> "LMTokenizer":
+    def train(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2,
+              split_digits: bool = False) -> "LMTokenizer":
+        """A byte-level BPE fitted on ``texts``. ``split_digits``: every digit is a token of its own
+        (as Llama's tokenizer does), so a number's digits look the same wherever it stands."""
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
         tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                             if split_digits else byte_level)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,

@@ -21,7 +21,8 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
             tok = import_tokenizer(params["init_from"])
         elif cfg["type"] == "bpe":
             fit_on = train[: cfg["max_train_docs"]] if cfg["max_train_docs"] else train
-            tok = LMTokenizer.train(fit_on, vocab_size=cfg["vocab_size"], min_frequency=cfg["min_frequency"])
+            tok = LMTokenizer.train(fit_on, vocab_size=cfg["vocab_size"], min_frequency=cfg["min_frequency"],
+                                     split_digits=cfg["split_digits"])
         else:
             tok = LMTokenizer.load(cfg["path"])
         out_dir = Path(outputs["tokenizer"]).parent
