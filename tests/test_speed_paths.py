@@ -37,6 +37,19 @@ def test_linear_cross_entropy_equals_cross_entropy_of_logits(head, reduction, ch
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_linear_cross_entropy_keeps_the_loss_of_hopeless_targets(head):
+    """A target ~200 nats below the best logit has p = 0 in fp32; its loss still equals F.cross_entropy's."""
+    h, w, y = head
+    h = (h.detach() * 40).requires_grad_()  # logit gaps of hundreds of nats
+    logits = h @ w.T
+    y = torch.where(y >= 0, logits.argmin(1), y)  # every counted target is its row's least likely token
+    assert (logits.max(1).values - logits.min(1).values)[y >= 0].min() > 120
+    expected = F.cross_entropy(logits, y, reduction="sum")
+    got = linear_cross_entropy(h, w, y, reduction="sum", chunk_rows=16)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(torch.autograd.grad(got, h)[0], torch.autograd.grad(expected, h)[0])
+
+
 def test_linear_cross_entropy_second_derivative_matches(head):
     """A Hessian-vector product (what Sophia's create_graph backward needs) goes through the fused loss too."""
     h, w, y = head

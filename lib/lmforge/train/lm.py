@@ -40,7 +40,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_w = None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         logits = torch.empty(min(chunk, N), V, dtype=torch.float32, device=h.device)
-        logp = torch.empty_like(logits)
+        probs = torch.empty_like(logits) if need_h or need_w else None
         minus_one = torch.full((min(chunk, N), 1), -1.0, device=h.device)
         for start in range(0, N, chunk):
             rows = slice(start, start + chunk)
@@ -49,13 +49,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 torch.mm(h[rows], weight.T, out=logits[:n])
             else:  # autocast: the matmul in its dtype, the softmax in fp32
                 logits[:n].copy_(h[rows] @ weight.T)
-            torch._log_softmax(logits[:n], 1, False, out=logp[:n])
-            picked = logp[:n].gather(1, safe[rows]).squeeze(1)
-            total -= picked.sum() if all_valid else (picked * valid[rows]).sum()
             if not (need_h or need_w):
+                # -log p(target) = logsumexp(logits) - logit(target): one read-only pass.
+                nll = torch.logsumexp(logits[:n], 1) - logits[:n].gather(1, safe[rows]).squeeze(1)
+                total += nll.sum() if all_valid else (nll * valid[rows]).sum()
                 continue
+            # The softmax is the gradient's main part, so the loss is read off it: -log p(target)
+            # (one pass over the chunk instead of log-softmax, then exp). Where p(target) is too
+            # small for fp32 to hold its digits, that row's loss comes from the logsumexp instead.
+            torch._softmax(logits[:n], 1, False, out=probs[:n])
+            picked = probs[:n].gather(1, safe[rows]).squeeze(1)
+            nll = -picked.log()
+            tiny = picked < 1e-30
+            if bool(tiny.any()):
+                bad = tiny.nonzero().squeeze(1)
+                nll[bad] = torch.logsumexp(logits[bad], 1) - logits[bad].gather(1, safe[rows][bad]).squeeze(1)
+            total += nll.sum() if all_valid else (nll * valid[rows]).sum()
             # d loss / d logits = softmax - onehot (rows of ignored targets: 0), scaled in backward.
-            g = logp[:n].exp_()
+            g = probs[:n]
             g.scatter_add_(1, safe[rows], minus_one[:n])
             if not all_valid:
                 g.mul_(valid[rows, None])
