@@ -440,10 +440,11 @@ def _(x, weight, bias):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear (..., in) -> (..., out) for decoding (no gradients). A single row goes through torch.mv,
-    which streams the weight once where a one-row matrix product first repacks it (about 5 % of a
-    batch-1 decoding step on CPU); a few rows of float32 on CPU through oneDNN."""
+def linear_no_grad(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear (..., in) -> (..., out) where no gradient flows through it: decoding, and the logits
+    chunks of the fused loss. A single row goes through torch.mv, which streams the weight once where
+    a one-row matrix product first repacks it (about 5 % of a batch-1 decoding step on CPU); more rows
+    of float32 on CPU through oneDNN."""
     if x.numel() != x.shape[-1]:
         if not (_ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32):
             return F.linear(x, weight, bias)
@@ -485,7 +486,7 @@ class Attention(nn.Module):
         fused = cache is not None and not (self.training or torch.is_grad_enabled()) and _fusable(
             self.q_proj, self.k_proj, self.v_proj, self.o_proj)
         if fused:
-            qkv = _linear(x, *cache.fused(self.q_proj, self.k_proj, self.v_proj)).view(B, T, H + 2 * K, hd)
+            qkv = linear_no_grad(x, *cache.fused(self.q_proj, self.k_proj, self.v_proj)).view(B, T, H + 2 * K, hd)
             qk, v = qkv[:, :, :H + K].transpose(1, 2), qkv[:, :, H + K:].transpose(1, 2)
             if rope is not None:
                 qk = apply_rope(qk, *rope)
@@ -507,7 +508,7 @@ class Attention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=K != H)
         y = y.transpose(1, 2).reshape(B, T, H * hd)
         if fused:
-            return _linear(y, self.o_proj.weight)
+            return linear_no_grad(y, self.o_proj.weight)
         y = self.o_proj(y)
         return self.resid_dropout(y) if self.dropout else y
 
@@ -530,8 +531,8 @@ class MLP(nn.Module):
         """(B, T, D) -> (B, T, D). Decoding (a cache, eval, no gradients): gate and up are one matmul."""
         if self.gated and cache is not None and not (self.training or torch.is_grad_enabled()) and _fusable(
                 self.gate_proj, self.up_proj, self.down_proj):
-            gate, up = _linear(x, *cache.fused(self.gate_proj, self.up_proj)).chunk(2, dim=-1)
-            return _linear(self.act(gate) * up, self.down_proj.weight)
+            gate, up = linear_no_grad(x, *cache.fused(self.gate_proj, self.up_proj)).chunk(2, dim=-1)
+            return linear_no_grad(self.act(gate) * up, self.down_proj.weight)
         h = self.act(self.gate_proj(x)) * self.up_proj(x) if self.gated else self.act(self.up_proj(x))
         h = self.down_proj(h)
         return self.dropout(h) if self.dropout.p else h
@@ -704,7 +705,7 @@ class Transformer(nn.Module):
         """Decoding's lm_head (no gradients): hidden states (B, D) -> logits (B, V) through the fast
         product of the fused projections when the head is a plain linear layer."""
         if _fusable(self.lm_head) and not torch.is_grad_enabled():
-            return _linear(h, self.lm_head.weight, self.lm_head.bias)
+            return linear_no_grad(h, self.lm_head.weight, self.lm_head.bias)
         return self.lm_head(h)
 
     def num_params(self, non_embedding: bool = False) -> int:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import LmforgeError
+from lmforge.model import linear_no_grad
 
 # Rows of logits per chunk in linear_cross_entropy: 4M floats (16 MB in fp32) stay in cache
 # while they are turned into a gradient, instead of a (N, V) tensor that streams through memory.
@@ -39,34 +40,42 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        logits = torch.empty(min(chunk, N), V, dtype=torch.float32, device=h.device)
-        probs = torch.empty_like(logits) if need_h or need_w else None
-        minus_one = torch.full((min(chunk, N), 1), -1.0, device=h.device)
+        onednn = h.device.type == "cpu" and h.dtype == torch.float32
+        rows_max = min(chunk, N)
+        logits = None if onednn else torch.empty(rows_max, V, dtype=torch.float32, device=h.device)
+        # On CPU the softmax overwrites the fresh logits (the kernel goes row by row, reading each
+        # value before writing it); elsewhere it goes to a second reused buffer.
+        probs = None if onednn or not (need_h or need_w) else torch.empty_like(logits)
+        minus_one = torch.full((rows_max, 1), -1.0, device=h.device)
         for start in range(0, N, chunk):
             rows = slice(start, start + chunk)
             n = h[rows].shape[0]
-            if h.dtype == torch.float32:
-                torch.mm(h[rows], weight.T, out=logits[:n])
+            if onednn:
+                # oneDNN's product (~15 % faster than MKL's for this wide output on CPU) into a fresh
+                # tensor: it has no out= form.
+                z = linear_no_grad(h[rows], weight)
+            elif h.dtype == torch.float32:
+                z = torch.mm(h[rows], weight.T, out=logits[:n])
             else:  # autocast: the matmul in its dtype, the softmax in fp32
-                logits[:n].copy_(h[rows] @ weight.T)
+                z = logits[:n].copy_(h[rows] @ weight.T)
             if not (need_h or need_w):
                 # -log p(target) = logsumexp(logits) - logit(target): one read-only pass.
-                nll = torch.logsumexp(logits[:n], 1) - logits[:n].gather(1, safe[rows]).squeeze(1)
+                nll = torch.logsumexp(z, 1) - z.gather(1, safe[rows]).squeeze(1)
                 total += nll.sum() if all_valid else (nll * valid[rows]).sum()
                 continue
             # The softmax is the gradient's main part, so the loss is read off it: -log p(target)
             # (one pass over the chunk instead of log-softmax, then exp). Where p(target) is too
             # small for fp32 to hold its digits, that row's loss comes from the logsumexp instead.
-            torch._softmax(logits[:n], 1, False, out=probs[:n])
-            picked = probs[:n].gather(1, safe[rows]).squeeze(1)
+            g = torch._softmax(z, 1, False, out=z if onednn else probs[:n])
+            picked = g.gather(1, safe[rows]).squeeze(1)
             nll = -picked.log()
             tiny = picked < 1e-30
             if bool(tiny.any()):
                 bad = tiny.nonzero().squeeze(1)
-                nll[bad] = torch.logsumexp(logits[bad], 1) - logits[bad].gather(1, safe[rows][bad]).squeeze(1)
+                zb = (h[rows][bad] @ weight.T).float()  # these rows' logits again (z may be overwritten)
+                nll[bad] = torch.logsumexp(zb, 1) - zb.gather(1, safe[rows][bad]).squeeze(1)
             total += nll.sum() if all_valid else (nll * valid[rows]).sum()
             # d loss / d logits = softmax - onehot (rows of ignored targets: 0), scaled in backward.
-            g = probs[:n]
             g.scatter_add_(1, safe[rows], minus_one[:n])
             if not all_valid:
                 g.mul_(valid[rows, None])
