@@ -23,9 +23,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     Neither the (N, V) logits nor their gradient ever exist at once: for each chunk
     of rows the logits become probabilities, the one-hot target is subtracted, and
-    the two gradient matmuls consume them while they are hot. Two chunk buffers
-    serve every chunk (fresh big tensors cost page faults on CPU). The backward
-    only scales the stored gradients by the incoming one.
+    the two gradient matmuls consume them while they are hot. On CPU each chunk's
+    logits come from oneDNN's product and the softmax is written over them; elsewhere
+    two reused chunk buffers hold the logits and the softmax. The backward only
+    scales the stored gradients by the incoming one.
     """
 
     @staticmethod
@@ -37,20 +38,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
         all_valid = bool(valid.all())
         # needs_input_grad is also set under no_grad (a parameter requires grad); no gradient is wanted then.
         need_h, need_w = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
+        want_grad = need_h or need_w
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        onednn = h.device.type == "cpu" and h.dtype == torch.float32
-        rows_max = min(chunk, N)
-        logits = None if onednn else torch.empty(rows_max, V, dtype=torch.float32, device=h.device)
         # On CPU the softmax overwrites the fresh logits (the kernel goes row by row, reading each
         # value before writing it); elsewhere it goes to a second reused buffer.
-        probs = None if onednn or not (need_h or need_w) else torch.empty_like(logits)
+        in_place = h.device.type == "cpu" and h.dtype == torch.float32
+        rows_max = min(chunk, N)
+        logits = None if in_place else torch.empty(rows_max, V, dtype=torch.float32, device=h.device)
+        probs = None if in_place or not want_grad else torch.empty_like(logits)
         minus_one = torch.full((rows_max, 1), -1.0, device=h.device)
         for start in range(0, N, chunk):
             rows = slice(start, start + chunk)
             n = h[rows].shape[0]
-            if onednn:
+            if in_place:
                 # oneDNN's product (~15 % faster than MKL's for this wide output on CPU) into a fresh
                 # tensor: it has no out= form.
                 z = linear_no_grad(h[rows], weight)
@@ -58,23 +60,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 z = torch.mm(h[rows], weight.T, out=logits[:n])
             else:  # autocast: the matmul in its dtype, the softmax in fp32
                 z = logits[:n].copy_(h[rows] @ weight.T)
-            if not (need_h or need_w):
-                # -log p(target) = logsumexp(logits) - logit(target): one read-only pass.
-                nll = torch.logsumexp(z, 1) - z.gather(1, safe[rows]).squeeze(1)
-                total += nll.sum() if all_valid else (nll * valid[rows]).sum()
-                continue
-            # The softmax is the gradient's main part, so the loss is read off it: -log p(target)
-            # (one pass over the chunk instead of log-softmax, then exp). Where p(target) is too
-            # small for fp32 to hold its digits, that row's loss comes from the logsumexp instead.
-            g = torch._softmax(z, 1, False, out=z if onednn else probs[:n])
-            picked = g.gather(1, safe[rows]).squeeze(1)
-            nll = -picked.log()
-            tiny = picked < 1e-30
-            if bool(tiny.any()):
-                bad = tiny.nonzero().squeeze(1)
-                zb = (h[rows][bad] @ weight.T).float()  # these rows' logits again (z may be overwritten)
-                nll[bad] = torch.logsumexp(zb, 1) - zb.gather(1, safe[rows][bad]).squeeze(1)
+            if not want_grad:
+                nll = _nll(z, safe[rows])
+            elif not in_place:
+                nll = _nll(z, safe[rows])  # before the softmax: no host sync on an accelerator
+                g = torch._softmax(z, 1, False, out=probs[:n])
+            else:
+                # On CPU the loss is read off the softmax the gradient needs, -log p(target): one pass
+                # over the chunk instead of two. Where p(target) is too small for fp32 to hold its
+                # digits, that row's loss comes from its logits, computed again (z is overwritten).
+                g = torch._softmax(z, 1, False, out=z)
+                picked = g.gather(1, safe[rows]).squeeze(1)
+                nll = -picked.log()
+                tiny = picked < 1e-30
+                if bool(tiny.any()):
+                    bad = tiny.nonzero().squeeze(1)
+                    nll[bad] = _nll(h[rows][bad] @ weight.T, safe[rows][bad])
             total += nll.sum() if all_valid else (nll * valid[rows]).sum()
+            if not want_grad:
+                continue
             # d loss / d logits = softmax - onehot (rows of ignored targets: 0), scaled in backward.
             g.scatter_add_(1, safe[rows], minus_one[:n])
             if not all_valid:
@@ -107,6 +111,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         factor = grad_out * scale
         return (None if grad_h is None else grad_h * factor.to(grad_h.dtype),
                 None if grad_w is None else (grad_w * factor).to(weight.dtype), None, None, None, None, None)
+
+
+def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-log softmax(logits)[target] per row, as logsumexp - logit(target): a read-only pass."""
+    return torch.logsumexp(logits, 1) - logits.gather(1, targets).squeeze(1)
 
 
 def _differentiable_grads(h, weight, targets, ignore_index: int, reduction: str):
