@@ -11,7 +11,8 @@ step: ``lm_loss`` (fused linear cross-entropy) and ``build_optimizer("adamw")``
 same AdamW settings.
 The contestants take turns step by step so machine noise hits all alike; we
 report the median step after warm-up, and MFU = 6 * N * tokens/s over this
-machine's fp32 matmul peak, measured in the same run.
+machine's fp32 matmul peak, measured in the same run: the best of MKL's and oneDNN's
+products, which differ by 2x on CPUs whose AVX-512 MKL does not use (AMD's).
 
 --ablate adds "lmforge, unfused loss" (logits -> F.cross_entropy, as theirs);
 --compile adds "lmforge, compiled" (``Transformer.torch_compile``: the trunk through
@@ -49,20 +50,27 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_peak(device: torch.device, reps: int = 20) -> float:
-    """Best FLOP/s of an n x n matmul: fp32 (n 1024) on the CPU's thread setting, bf16 (n 8192) on CUDA."""
+def matmul_peak(device: torch.device, reps: int = 20) -> dict[str, float]:
+    """Best FLOP/s of an n x n matmul per kernel library: fp32 (n 1024) on the CPU's thread setting
+    through MKL (torch.mm) and through oneDNN, bf16 (n 8192) on CUDA. The peak is the best of them."""
     n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(reps):
-        sync(device)
-        t = time.perf_counter()
-        a @ b
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / min(times)
+    products = {"cuBLAS" if device.type == "cuda" else "MKL": lambda: a @ b}
+    if device.type == "cpu" and torch.backends.mkldnn.is_available():
+        products["oneDNN"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+    peaks = {}
+    for name, product in products.items():
+        for _ in range(3):
+            product()
+        times = []
+        for _ in range(reps):
+            sync(device)
+            t = time.perf_counter()
+            product()
+            sync(device)
+            times.append(time.perf_counter() - t)
+        peaks[name] = 2 * n**3 / min(times)
+    return peaks
 
 
 def hf_model(cfg: ModelConfig):
@@ -175,17 +183,20 @@ def main() -> None:
                 first[name] = dt  # includes compilation for a compiled model
             if i >= args.warmup:
                 times[name].append(dt)
-    peak = matmul_peak(device)
+    peaks = matmul_peak(device)
+    peak = max(peaks.values())
     tokens = args.batch * SEQ
     out = {"n_params": n_params, "tokens_per_step": tokens, "threads": args.threads, "device": str(device),
-           "matmul_peak_gflops": peak / 1e9, "steps_timed": args.steps}
+           "matmul_peak_gflops": peak / 1e9,
+           "matmul_peaks_gflops": {k: v / 1e9 for k, v in peaks.items()}, "steps_timed": args.steps}
     for name, ts in times.items():
         tps = tokens / statistics.median(ts)
         out[name] = {"tokens_per_s": tps, "mfu": 6 * n_params * tps / peak, "step_s": statistics.median(ts),
                      "first_step_s": first[name]}
     base = out["transformers"]["tokens_per_s"]
     where = torch.cuda.get_device_name(device) + ", bf16" if device.type == "cuda" else f"{args.threads} threads, fp32"
-    print(f"params {n_params:,}  batch {args.batch}x{SEQ}  matmul peak {peak / 1e9:.0f} GFLOP/s  ({where})")
+    each = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in peaks.items())
+    print(f"params {n_params:,}  batch {args.batch}x{SEQ}  matmul peak {peak / 1e9:.0f} GFLOP/s ({each}; {where})")
     for name in steps:
         r = out[name]
         r["vs_transformers"] = r["tokens_per_s"] / base

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge import model as model_module
 from lmforge.generate import generate
 from lmforge.model import KVCache, ModelConfig, Transformer
 from lmforge.stages.common import training_options
@@ -103,6 +104,61 @@ def test_lm_loss_fused_path_equals_logits_path():
     ref_grads = torch.autograd.grad(ref, list(model.parameters()))
     assert metrics == {"tokens": 96}
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+needs_onednn = pytest.mark.skipif(not model_module._ONEDNN, reason="this torch has no oneDNN")
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [False, True])
+def test_training_projection_through_onednn_gives_f_linear_values_and_gradients(bias):
+    g = torch.Generator().manual_seed(3)
+    layer = nn.Linear(24, 40, bias=bias)
+    x = torch.randn(2, 5, 24, generator=g, requires_grad=True)
+    up = torch.randn(2, 5, 40, generator=g)
+    with torch.profiler.profile() as prof:
+        y = model_module.project(layer, x)
+    assert any(e.name == "lmforge::onednn_linear" for e in prof.events())  # the oneDNN path ran
+    params = [x, *layer.parameters()]
+    grads = torch.autograd.grad((y * up).sum(), params)
+    ref = F.linear(x, layer.weight, layer.bias)
+    ref_grads = torch.autograd.grad((ref * up).sum(), params)
+    torch.testing.assert_close(y, ref)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+    # The autograd registration as torch.compile and double backward see it.
+    torch.library.opcheck(torch.ops.lmforge.onednn_linear.default,
+                          (x.detach().requires_grad_(), layer.weight, layer.bias))
+
+
+@needs_onednn
+def test_training_projection_has_a_second_derivative():
+    """Sophia's Hessian steps differentiate the gradient (create_graph) through the projections."""
+    g = torch.Generator().manual_seed(4)
+    layer = nn.Linear(8, 6)
+    x = torch.randn(3, 8, generator=g, requires_grad=True)
+    v = torch.randn(6, 8, generator=g)
+
+    def hvp(y):
+        (gw,) = torch.autograd.grad(y.pow(3).sum(), layer.weight, create_graph=True)
+        return torch.autograd.grad((gw * v).sum(), (x, layer.weight))
+
+    for a, b in zip(hvp(model_module.project(layer, x)), hvp(F.linear(x, layer.weight, layer.bias))):
+        torch.testing.assert_close(a, b)
+
+
+def test_model_gradients_are_the_same_with_and_without_the_onednn_projections(monkeypatch):
+    model = tiny_model()
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randint(0, 61, (3, 32), generator=g), torch.randint(0, 61, (3, 32), generator=g)
+    loss = lm_loss(model, (x, y))[0]
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    monkeypatch.setattr(model_module, "_ONEDNN", False)  # every projection through nn.Linear (MKL on CPU)
+    ref = lm_loss(model, (x, y))[0]
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 

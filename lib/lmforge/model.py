@@ -440,6 +440,39 @@ def _(x, weight, bias):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
+def _onednn_linear_setup(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _onednn_linear_backward(ctx, grad):
+    """d x = grad @ W through oneDNN again (W transposed once, a small copy); d W = grad.T @ x stays
+    with torch.mm: oneDNN has no strided form of it, and transposing both activations costs more."""
+    x, weight = ctx.saved_tensors
+    grad = grad.contiguous()
+    grad_x = _onednn_linear(grad, weight.t().contiguous(), None) if ctx.needs_input_grad[0] else None
+    rows = grad.reshape(-1, grad.shape[-1])
+    grad_w = rows.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
+    grad_b = rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return grad_x, grad_w, grad_b
+
+
+_onednn_linear.register_autograd(_onednn_linear_backward, setup_context=_onednn_linear_setup)
+
+
+def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` for the block's projections. A plain float32 nn.Linear on CPU goes through
+    oneDNN's product, forward and input gradient: on CPUs with AVX-512 that MKL serves with its
+    generic code (AMD's), it runs twice as fast (bench/RESULTS.md). Adapters, quantized layers,
+    layers with hooks and other devices or dtypes call the layer as usual."""
+    if (_ONEDNN and type(layer) is nn.Linear and x.device.type == "cpu"
+            and x.dtype == layer.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            and not (layer._forward_hooks or layer._forward_pre_hooks)):
+        return _onednn_linear(x.contiguous(), layer.weight, layer.bias)
+    return layer(x)
+
+
 def linear_no_grad(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear (..., in) -> (..., out) where no gradient flows through it: decoding, and the logits
     chunks of the fused loss. A single row goes through torch.mv, which streams the weight once where
@@ -492,9 +525,9 @@ class Attention(nn.Module):
                 qk = apply_rope(qk, *rope)
             q, k = qk[:, :H], qk[:, H:]
         else:
-            q = self.q_proj(x).view(B, T, H, hd).transpose(1, 2)
-            k = self.k_proj(x).view(B, T, K, hd).transpose(1, 2)
-            v = self.v_proj(x).view(B, T, K, hd).transpose(1, 2)
+            q = project(self.q_proj, x).view(B, T, H, hd).transpose(1, 2)
+            k = project(self.k_proj, x).view(B, T, K, hd).transpose(1, 2)
+            v = project(self.v_proj, x).view(B, T, K, hd).transpose(1, 2)
             if rope is not None:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
@@ -509,7 +542,7 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, H * hd)
         if fused:
             return linear_no_grad(y, self.o_proj.weight)
-        y = self.o_proj(y)
+        y = project(self.o_proj, y)
         return self.resid_dropout(y) if self.dropout else y
 
 
@@ -533,8 +566,9 @@ class MLP(nn.Module):
                 self.gate_proj, self.up_proj, self.down_proj):
             gate, up = linear_no_grad(x, *cache.fused(self.gate_proj, self.up_proj)).chunk(2, dim=-1)
             return linear_no_grad(self.act(gate) * up, self.down_proj.weight)
-        h = self.act(self.gate_proj(x)) * self.up_proj(x) if self.gated else self.act(self.up_proj(x))
-        h = self.down_proj(h)
+        h = (self.act(project(self.gate_proj, x)) * project(self.up_proj, x) if self.gated
+             else self.act(project(self.up_proj, x)))
+        h = project(self.down_proj, h)
         return self.dropout(h) if self.dropout.p else h
 
 

@@ -49,6 +49,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         logits = None if in_place else torch.empty(rows_max, V, dtype=torch.float32, device=h.device)
         probs = None if in_place or not want_grad else torch.empty_like(logits)
         minus_one = torch.full((rows_max, 1), -1.0, device=h.device)
+        # On CPU d h = g @ weight goes through oneDNN too, which wants the weight transposed (one copy).
+        weight_t = weight.t().contiguous() if in_place and need_h else None
         for start in range(0, N, chunk):
             rows = slice(start, start + chunk)
             n = h[rows].shape[0]
@@ -84,7 +86,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if not all_valid:
                 g.mul_(valid[rows, None])
             g = g.to(h.dtype)
-            if need_h:
+            if weight_t is not None:
+                grad_h[rows] = linear_no_grad(g, weight_t)
+            elif need_h:
                 torch.mm(g, weight, out=grad_h[rows])
             if need_w:
                 if grad_w is None:
