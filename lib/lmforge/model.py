@@ -424,7 +424,8 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 
 
 # oneDNN's fp32 matrix product, the kernel PyTorch's compiler picks for CPU inference: with the
-# few rows of a decoding step it beats F.linear's MKL product by ~1.5x here (bench/RESULTS.md).
+# few rows of a decoding step it beats F.linear's MKL product by ~1.5x here, and with the 2,048 rows
+# of a training step by ~2x on AVX-512 CPUs where MKL runs generic code (bench/RESULTS.md).
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
