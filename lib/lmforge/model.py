@@ -467,11 +467,15 @@ def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     oneDNN's product, forward and input gradient: on CPUs with AVX-512 that MKL serves with its
     generic code (AMD's), it runs twice as fast (bench/RESULTS.md). Adapters, quantized layers,
     layers with hooks and other devices or dtypes call the layer as usual."""
-    if (_ONEDNN and type(layer) is nn.Linear and x.device.type == "cpu"
-            and x.dtype == layer.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+    if (type(layer) is nn.Linear and _onednn_serves(x, layer.weight) and not torch.is_autocast_enabled("cpu")
             and not (layer._forward_hooks or layer._forward_pre_hooks)):
         return _onednn_linear(x.contiguous(), layer.weight, layer.bias)
     return layer(x)
+
+
+def _onednn_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether oneDNN's product applies: float32 input and weight on the CPU, oneDNN present."""
+    return _ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
 
 
 def linear_no_grad(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -480,7 +484,7 @@ def linear_no_grad(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     a one-row matrix product first repacks it (about 5 % of a batch-1 decoding step on CPU); more rows
     of float32 on CPU through oneDNN."""
     if x.numel() != x.shape[-1]:
-        if not (_ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32):
+        if not _onednn_serves(x, weight):
             return F.linear(x, weight, bias)
         if torch.compiler.is_compiling():
             return _onednn_linear(x, weight, bias)
