@@ -249,6 +249,20 @@ def test_responses_behave_as_labelled(data):
             assert kind == "rambling" and tasks.is_repetitive(response), r
 
 
+def test_sums_and_differences_are_worked_in_true_column_steps(data):
+    for r in data["sft_val"]:
+        if r["task"] == "arithmetic" and "*" not in r["messages"][0]["content"]:
+            response = r["messages"][1]["content"]
+            assert tasks.equation_credit(response) == 1.0 and len(re.findall(r"=", response)) == 2, response
+    from lmforge.data.builtin import _column_steps
+    assert _column_steps(47, 38, "+") == "7 + 8 = 15, 4 + 3 + 1 = 8"
+    assert _column_steps(45, 37, "-") == "15 - 7 = 8, 4 - 3 - 1 = 0"
+    assert _column_steps(37, 48, "-") == "48 - 37: 8 - 7 = 1, 4 - 3 - 0 = 1"
+    assert _column_steps(30, 92, "-") == "92 - 30: 2 - 0 = 2, 9 - 3 - 0 = 6"
+    assert _column_steps(99, 38, "+") == "9 + 8 = 17, 9 + 3 + 1 = 13"
+    assert _column_steps(5, 3, "-") == "5 - 3 = 2, 0 - 0 - 0 = 0"
+
+
 def test_preference_pairs(data):
     for r in data["pref_train"] + data["pref_val"]:
         assert r["chosen"] != r["rejected"]

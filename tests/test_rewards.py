@@ -59,6 +59,9 @@ def test_check_prompts_names_the_key_and_the_record(tmp_path):
     with pytest.raises(LmforgeError, match=rf"'score\.reward_fn\.verifiable' is 1\.0, but 1 of 2 prompts .*"
                                            rf"first: {path} line 2"):
         RewardSpec(verifiable=1.0).check_prompts(records, str(path), KEY)
+    with pytest.raises(LmforgeError, match=r"'score\.reward_fn\.partial' is 0\.5, but 1 of 2 prompts .*"
+                                           r"or set 'score\.reward_fn\.partial: 0'"):
+        RewardSpec(partial=0.5).check_prompts(records, str(path), KEY)
 
 
 # --------------------------------------------------------------------------- the trained reward model
@@ -91,6 +94,20 @@ def test_combined_reward_is_the_weighted_sum(tok, tmp_path):
     with torch.no_grad():
         cut = [rm(torch.tensor([p + i])).item() for p, i in zip(prompts, ids)]
     assert fn(records, responses, response_ids=ids).rm.tolist() == pytest.approx(cut, abs=1e-5)
+
+
+def test_partial_credit_adds_the_share_of_true_equations(tok):
+    fn = RewardFunction(RewardSpec(verifiable=1.0, partial=0.5), policy_tokenizer=tok)
+    records = [{"prompt": "What is 47 + 38?", "answer": "85", "task": "arithmetic"}] * 3 + [
+        {"prompt": "Reverse the word 'apple'.", "answer": "elppa", "task": "string"}]
+    responses = ["7 + 8 = 15, 4 + 3 + 1 = 8, so 85.",   # right, both steps true
+                 "7 + 8 = 15, 4 + 3 + 0 = 8, so 85.",   # right answer, one false step
+                 "I don't know.",                      # no equation at all
+                 "The reverse of 'apple' is 'elpap'."]  # 3 of 5 letters in place
+    out = fn(records, responses)
+    assert out.correct.tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert out.partial.tolist() == pytest.approx([1.0, 0.5, 0.0, 0.6])
+    assert out.reward.tolist() == pytest.approx([1.5, 1.25, 0.0, 0.3])
 
 
 def test_verifiable_only_loads_no_model(tok):

@@ -7,10 +7,13 @@ from lmforge.errors import LmforgeError
 
 
 def reference_repeat_share(text: str, n: int = 3) -> float:
-    """1 - unique/total over word n-grams, punctuation marks counting as words."""
+    """1 - unique/total over word n-grams, punctuation marks and whole equations counting as words."""
     import re
 
-    words = re.findall(r"\w+|[^\w\s]", text.lower())
+    words = []
+    for piece in re.split(r"(-?\d+(?:\s*[-+*]\s*\d+)+\s*=\s*-?\d+)", text.lower()):
+        is_equation = "=" in piece and any(c.isdigit() for c in piece)
+        words += [piece] if is_equation else re.findall(r"\w+|[^\w\s]", piece)
     grams = [" ".join(words[i : i + n]) for i in range(len(words) - n + 1)]
     return 0.0 if len(grams) < 2 else 1 - len(set(grams)) / len(grams)
 
@@ -125,6 +128,8 @@ def test_helpful_responses_are_not_dismissive(response):
         "37 + 48 = 85. 37 + 48 = 85. 37 + 48 = 85.",
         "Well, let me see. Well, let me see. Well, let me see. 37 + 48 = 85.",
         "the the the the the the the",
+        "7 + 8 = 15, 4 + 3 + 1 = 8, so 85.",
+        "6 + 0 = 6, 0 + 6 + 0 = 6, so 66. 6 + 0 = 6, 0 + 6 + 0 = 6, so 66.",
         "Hello there, how are you today?",
         "a b",
         "",
@@ -137,5 +142,39 @@ def test_repeated_share_matches_reference(text):
 def test_is_repetitive_threshold():
     assert tasks.is_repetitive("37 + 48 = 85. 37 + 48 = 85. 37 + 48 = 85.")
     assert tasks.is_repetitive("the the the the the the the")
+    assert not tasks.is_repetitive("6 + 0 = 6, 0 + 6 + 0 = 6, so 66.")  # worked steps, not a ramble
     assert not tasks.is_repetitive("Return the number of items in the list.")
     assert not tasks.is_repetitive("'apple' in capital letters is 'APPLE'.")
+
+
+@pytest.mark.parametrize("expression, value", [("4 - 3 - 1", 0), ("-3 + 4", 1), ("2 * 3 + 4", 10), ("10 - 2 * 3", 4),
+                                               ("01 - 5", -4), ("7", 7)])
+def test_evaluate_follows_arithmetic_precedence(expression, value):
+    assert tasks._evaluate(expression) == value
+
+
+@pytest.mark.parametrize("response, credit", [
+    ("7 + 8 = 15, 4 + 3 + 1 = 8, so 85.", 1.0),
+    ("8 - 2 = 8, 8 - 2 - 0 = 6, so 68.", 0.5),
+    ("75 - 87: 15 - 7 = 7, 7 - 8 - 1 = 0, so -7.", 0.0),  # "75 - 87:" has no '=': not an equation
+    ("81 - 37: 11 - 7 = 4, 8 - 3 - 1 = 4, so -44.", 1.0),
+    ("7 * 8 = 56.", 1.0),
+    ("37-48=-11", 1.0),
+    ("so 85.", 0.0),
+])
+def test_equation_credit_is_the_share_of_true_equations(response, credit):
+    assert tasks.equation_credit(response) == pytest.approx(credit)
+
+
+@pytest.mark.parametrize("response, answer, task, credit", [
+    ("7 + 8 = 15, 4 + 3 + 0 = 8, so 85.", "85", "arithmetic", 0.5),  # arithmetic: the worked steps
+    ("The reverse of 'apple' is 'elppa'.", "elppa", "string", 1.0),
+    ("The reverse of 'apple' is 'elpap'.", "elppa", "string", 0.6),  # letters in place, from the left
+    ("'apple' has 15 letters.", "5", "string", 0.5),  # numbers aligned from the right
+    ("'apple' has 6 letters.", "5", "string", 0.0),
+    ("Join two paths.", "Join two or more paths.", "docstring", 0.0),  # a sentence is right or wrong
+    ("Join two or more paths.", "Join two or more paths.", "docstring", 1.0),
+    ("I don't know.", "elppa", "string", 0.0),
+])
+def test_answer_credit(response, answer, task, credit):
+    assert tasks.answer_credit(response, answer, task) == pytest.approx(credit)

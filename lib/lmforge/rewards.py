@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.tasks import is_correct
+from lmforge.tasks import answer_credit, is_correct
 
 
 def unanswered(records: Sequence[dict]) -> tuple[int, str] | None:
@@ -34,29 +34,34 @@ def unanswered(records: Sequence[dict]) -> tuple[int, str] | None:
 class RewardSpec:
     rm: float = 0.0
     verifiable: float = 0.0
+    partial: float = 0.0
     hf: float = 0.0
     hf_model: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict, key: str) -> "RewardSpec":
-        spec = cls(**{k: d[k] for k in ("rm", "verifiable", "hf", "hf_model") if k in d})
-        if spec.rm + spec.verifiable + spec.hf <= 0:
-            raise LmforgeError(f"config key '{key}': every weight (rm, verifiable, hf) is 0, so there is no reward")
+        spec = cls(**{k: d[k] for k in ("rm", "verifiable", "partial", "hf", "hf_model") if k in d})
+        if spec.rm + spec.verifiable + spec.partial + spec.hf <= 0:
+            raise LmforgeError(f"config key '{key}': every weight (rm, verifiable, partial, hf) is 0, "
+                               f"so there is no reward")
         if spec.hf > 0 and not spec.hf_model:
             raise LmforgeError(f"config key '{key}.hf_model' is required when '{key}.hf' is above 0 "
                                f"(a local folder or hub id of a sequence-classification model)")
         return spec
 
     def check_prompts(self, records: Sequence[dict], source: str, key: str) -> None:
-        """The verifiable reward needs a reference answer on every prompt."""
-        if self.verifiable <= 0:
+        """The verifiable reward and its partial credit need a reference answer on every prompt."""
+        needs = [name for name in ("verifiable", "partial") if getattr(self, name) > 0]
+        if not needs:
             return
         missing = unanswered(records)
         if missing:
+            weights = " and ".join(f"'{key}.{name}' is {getattr(self, name)}" for name in needs)
+            zero = " and ".join(f"'{key}.{name}: 0'" for name in needs)
             raise LmforgeError(
-                f"config key '{key}.verifiable' is {self.verifiable}, but {missing[0]} of {len(records)} prompts "
+                f"config key {weights}, but {missing[0]} of {len(records)} prompts "
                 f"in {source} have no reference answer (first: {missing[1]})"
-                f"; give every prompt an 'answer' or set '{key}.verifiable: 0'")
+                f"; give every prompt an 'answer' or set {zero}")
 
 
 @dataclass
@@ -66,6 +71,7 @@ class Rewards:
     reward: torch.Tensor
     rm: torch.Tensor | None = None
     correct: torch.Tensor | None = None  # 1.0 / 0.0; nan where the prompt has no reference answer
+    partial: torch.Tensor | None = None  # answer_credit in [0, 1]; 0 where the prompt has no reference answer
     hf: torch.Tensor | None = None
 
 
@@ -113,6 +119,11 @@ class RewardFunction:
                                         if r.get("answer") is not None else float("nan")
                                         for r, resp in zip(records, responses)])
             out.reward += self.spec.verifiable * torch.nan_to_num(out.correct, nan=0.0)
+        if self.spec.partial > 0:
+            out.partial = torch.tensor([answer_credit(resp, r["answer"], r.get("task") or "string")
+                                        if r.get("answer") is not None else 0.0
+                                        for r, resp in zip(records, responses)])
+            out.reward += self.spec.partial * out.partial
         if self.hf_model is not None:
             out.hf = self.score_hf(records, responses)
             out.reward += self.spec.hf * out.hf

@@ -7,7 +7,8 @@ answered here, in one place, so that training signal and evaluation agree.
 
 Task names are those of the built-in data (`lmforge.data.builtin`):
 
-- ``arithmetic``: the answer is an integer, e.g. ``"37 + 48 = 85."`` -> ``85``.
+- ``arithmetic``: the answer is the last integer, e.g. ``"7 + 8 = 15, 4 + 3 + 1 = 8, so 85."`` -> ``85``;
+  the equations before it are the worked steps (see `equation_credit`).
 - ``string``: the answer is a word or a count, e.g.
   ``"The reverse of 'apple' is 'elppa'."`` -> ``elppa``.
 - ``docstring``: the answer is one sentence, e.g. the first sentence of the
@@ -33,7 +34,9 @@ _QUOTED = re.compile(r"'([^'\s]+)'|\"([^\"\s]+)\"")
 _WORD = re.compile(r"[A-Za-z0-9]+")
 # A sentence ends at '.', '!' or '?' followed by whitespace or the end.
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
-_TOKEN = re.compile(r"\w+|[^\w\s]")
+# An equation ("4 + 3 + 1 = 8") is one word: worked steps share their "+ 0 =" trigrams but are not a ramble.
+_TOKEN = re.compile(r"-?\d+(?:\s*[-+*]\s*\d+)+\s*=\s*-?\d+|\w+|[^\w\s]")
+_ARITH_TOKEN = re.compile(r"(?<![\d\s])-\d+|\d+|[-+*]")  # a leading '-' is a sign, a later one an operator
 
 # Dismissive phrasings used by the built-in data, written loosely enough to
 # catch close variants ("I do not know", "cant help", "ask somebody else").
@@ -115,6 +118,53 @@ def is_correct(response: str, answer: str, task: str) -> bool:
     return normalize(extracted) == normalize(answer)
 
 
+def answer_credit(response: str, answer: str, task: str) -> float:
+    """Partial credit in [0, 1]: the share of the reference answer's characters the response's answer gets right.
+
+    Characters are compared position by position, integers aligned from the
+    right (so the ones digit meets the ones digit, and a sign or a missing
+    digit counts as a wrong place), other answers from the left; the longer of
+    the two strings is the denominator. A correct answer scores 1, no answer 0.
+    Docstring sentences score 1 or 0: a sentence is not right letter by letter.
+    """
+    if task == "arithmetic":
+        return equation_credit(response)
+    if is_correct(response, answer, task):
+        return 1.0
+    extracted = extract_answer(response, task)
+    if extracted is None or task == "docstring":
+        return 0.0
+    got, want = extracted.strip(), answer.strip()
+    if _is_integer(got) and _is_integer(want):
+        got, want = str(int(got))[::-1], str(int(want))[::-1]
+    else:
+        got, want = _strip_ends(got), _strip_ends(want)
+    width = max(len(got), len(want))
+    return sum(a == b for a, b in zip(got, want)) / width if width else 0.0
+
+
+_EQUATION = re.compile(r"(?<![\d-])(-?\d+(?:\s*[-+*]\s*\d+)+)\s*=\s*(-?\d+)")
+
+
+def equation_credit(response: str) -> float:
+    """The share of the equations written in a response ("7 + 8 = 15") that hold; 0 without any."""
+    found = _EQUATION.findall(response)
+    if not found:
+        return 0.0
+    return sum(_evaluate(lhs) == int(rhs) for lhs, rhs in found) / len(found)
+
+
+def _evaluate(expression: str) -> int:
+    """The value of integers joined by + - * ("4 - 3 - 1"), * binding tighter, left to right otherwise."""
+    total, sign, product = 0, 1, None
+    for token in _ARITH_TOKEN.findall(expression):
+        if token in "+-":
+            total, sign, product = total + sign * product, 1 if token == "+" else -1, None
+        elif token != "*":
+            product = int(token) if product is None else product * int(token)
+    return total + sign * product
+
+
 def is_dismissive(response: str) -> bool:
     """Whether a response refuses to engage ("I don't know, look it up."), or is empty."""
     text = normalize(response).replace("\u2019", "'")
@@ -124,9 +174,10 @@ def is_dismissive(response: str) -> bool:
 def repeated_ngram_share(response: str, n: int = _REPEAT_N) -> float:
     """Share of the response's word n-grams that repeat an earlier n-gram.
 
-    Words are lowercased; punctuation marks count as words so that a repeated
-    equation ("37 + 48 = 85. 37 + 48 = 85.") is seen as repeated. 0.0 for
-    responses shorter than n + 1 words.
+    Words are lowercased; punctuation marks count as words, and an equation
+    ("7 + 8 = 15") is one word, so that a repeated equation ("37 + 48 = 85.
+    37 + 48 = 85. 37 + 48 = 85.") is seen as repeated while distinct worked
+    steps are not. 0.0 for responses shorter than n + 1 words.
     """
     tokens = _TOKEN.findall(response.lower())
     grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]

@@ -401,8 +401,27 @@ def _swap_adjacent(text: str, rng: random.Random) -> str:
     return text[:i] + text[i + 1] + text[i] + text[i + 2 :]
 
 
+def _column_steps(a: int, b: int, op: str) -> str:
+    """The written column method for two numbers below 100, one digit step at a time.
+
+    "47 + 38" -> "7 + 8 = 15, 4 + 3 + 1 = 8"; "45 - 37" -> "15 - 7 = 8, 4 - 3 - 1 = 0";
+    a difference below zero is worked as the larger minus the smaller ("37 - 48" ->
+    "48 - 37: 8 - 7 = 1, 4 - 3 - 0 = 1"). Every step is one single-digit fact and a
+    carry or borrow, so a small model learns the method, not a table of 10,000 sums.
+    """
+    if op == "+":
+        ones = a % 10 + b % 10
+        return f"{a % 10} + {b % 10} = {ones}, {a // 10} + {b // 10} + {ones // 10} = {a // 10 + b // 10 + ones // 10}"
+    prefix = ""
+    if a < b:
+        prefix, (a, b) = f"{b} - {a}: ", (b, a)
+    borrow = int(a % 10 < b % 10)
+    ones = f"{a % 10 + 10 * borrow} - {b % 10} = {a % 10 + 10 * borrow - b % 10}"
+    return f"{prefix}{ones}, {a // 10} - {b // 10} - {borrow} = {a // 10 - b // 10 - borrow}"
+
+
 def _arithmetic_problems() -> list[Problem]:
-    """Addition and subtraction of 0-99, multiplication of single digits."""
+    """Addition and subtraction of 0-99 (answered by column steps), multiplication of single digits."""
     problems = []
     spaces = (("+", range(100), lambda a, b: a + b), ("-", range(100), lambda a, b: a - b),
               ("*", range(10), lambda a, b: a * b))
@@ -411,8 +430,9 @@ def _arithmetic_problems() -> list[Problem]:
             for b in operands:
                 result = fn(a, b)
                 wrong = tuple(str(result + d) for d in (-10, -2, -1, 1, 2, 10))
+                steps = "" if op == "*" else _column_steps(a, b, op) + ", so "
                 problems.append(Problem("arithmetic", f"{a}{op}{b}", f"What is {a} {op} {b}?", str(result),
-                                        f"{a} {op} {b} = {{}}.", wrong))
+                                        f"{steps}{{}}." if steps else f"{a} {op} {b} = {{}}.", wrong))
     return problems
 
 
