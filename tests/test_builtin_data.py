@@ -250,7 +250,10 @@ def test_responses_behave_as_labelled(data):
 
 
 def test_sums_and_differences_are_worked_in_true_column_steps(data):
-    for r in data["sft_val"]:
+    bare = [r["messages"][1]["content"] for r in data["sft_val"] if r["task"] == "arithmetic"]
+    assert all(tasks.equation_credit(text) == 1.0 and text.count("=") == 1 for text in bare)  # the default
+    worked = builtin.make_task_data({"worked_steps": True, "n_sft": 10, "n_pref": 10, "n_rl": 10}, seed=0)
+    for r in worked["sft_val"]:
         if r["task"] == "arithmetic" and "*" not in r["messages"][0]["content"]:
             response = r["messages"][1]["content"]
             assert tasks.equation_credit(response) == 1.0 and len(re.findall(r"=", response)) == 2, response
@@ -316,6 +319,7 @@ def test_validation_problems_are_not_repeated_when_pool_allows(data):
         ({"tasks": {"string": -1}}, "data.builtin.tasks.string: expected a non-negative number"),
         ({"noise": {"wrong": 0.7, "rambling": 0.6}}, "data.builtin.noise: shares sum to 1.3"),
         ({"rejected": "wrong"}, "data.builtin.rejected: expected a mapping"),
+        ({"worked_steps": "yes"}, "data.builtin.worked_steps: expected true or false"),
     ],
 )
 def test_bad_config_names_the_key(cfg, message):

@@ -51,6 +51,9 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
     "n_val": 200,
     # Share of every task's problem space reserved for the held-out splits.
     "heldout_fraction": 0.2,
+    # Answer sums and differences by column steps ("7 + 8 = 15, 4 + 3 + 1 = 8, so 85.")
+    # instead of the bare equation ("47 + 38 = 85.").
+    "worked_steps": False,
     # Mixture weights of the tasks (normalized; 0 drops a task).
     "tasks": {"arithmetic": 0.5, "string": 0.35, "docstring": 0.15},
     # Share of SFT training demonstrations that are deliberately unhelpful,
@@ -420,8 +423,8 @@ def _column_steps(a: int, b: int, op: str) -> str:
     return f"{prefix}{ones}, {a // 10} - {b // 10} - {borrow} = {a // 10 - b // 10 - borrow}"
 
 
-def _arithmetic_problems() -> list[Problem]:
-    """Addition and subtraction of 0-99 (answered by column steps), multiplication of single digits."""
+def _arithmetic_problems(worked_steps: bool = False) -> list[Problem]:
+    """Addition and subtraction of 0-99 (answered by column steps if `worked_steps`), multiplication of single digits."""
     problems = []
     spaces = (("+", range(100), lambda a, b: a + b), ("-", range(100), lambda a, b: a - b),
               ("*", range(10), lambda a, b: a * b))
@@ -430,7 +433,7 @@ def _arithmetic_problems() -> list[Problem]:
             for b in operands:
                 result = fn(a, b)
                 wrong = tuple(str(result + d) for d in (-10, -2, -1, 1, 2, 10))
-                steps = "" if op == "*" else _column_steps(a, b, op) + ", so "
+                steps = _column_steps(a, b, op) + ", so " if worked_steps and op != "*" else ""
                 problems.append(Problem("arithmetic", f"{a}{op}{b}", f"What is {a} {op} {b}?", str(result),
                                         f"{steps}{{}}." if steps else f"{a} {op} {b} = {{}}.", wrong))
     return problems
@@ -475,10 +478,11 @@ def _docstring_problems() -> list[Problem]:
     return problems
 
 
-_PROBLEM_SPACES: dict[str, Callable[[], list[Problem]]] = {
-    "arithmetic": _arithmetic_problems,
-    "string": _string_problems,
-    "docstring": _docstring_problems,
+# Each task's problem space, given the resolved data.builtin options.
+_PROBLEM_SPACES: dict[str, Callable[[dict], list[Problem]]] = {
+    "arithmetic": lambda opts: _arithmetic_problems(opts["worked_steps"]),
+    "string": lambda opts: _string_problems(),
+    "docstring": lambda opts: _docstring_problems(),
 }
 
 
@@ -586,6 +590,8 @@ def _resolve(cfg: dict | None) -> dict[str, Any]:
     out["tasks"] = _weights(out["tasks"], "tasks", TASKS)
     out["rejected"] = _weights(out["rejected"], "rejected", UNHELPFUL_KINDS)
     out["noise"] = _weights(out["noise"], "noise", UNHELPFUL_KINDS, may_be_zero=True)
+    if not isinstance(out["worked_steps"], bool):
+        raise LmforgeError(f"data.builtin.worked_steps: expected true or false, got {out['worked_steps']!r}")
     if sum(out["noise"].values()) > 1:
         raise LmforgeError(f"data.builtin.noise: shares sum to {sum(out['noise'].values()):.4g}, more than 1")
     return out
@@ -633,7 +639,7 @@ def make_task_data(cfg: dict | None, seed: int) -> dict[str, list[dict]]:
     tasks = {t: w for t, w in opts["tasks"].items() if w > 0}
     pools: dict[tuple[str, bool], list[Problem]] = {}
     for task in tasks:
-        problems = _PROBLEM_SPACES[task]()
+        problems = _PROBLEM_SPACES[task](opts)
         if not problems:  # e.g. a Python build whose stdlib has no usable docstrings
             raise LmforgeError(f"data.builtin.tasks.{task}: no problems can be made for this task here; set it to 0")
         for heldout in (False, True):

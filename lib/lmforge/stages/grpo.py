@@ -2,7 +2,7 @@
 
 Prompts are the built-in RL prompts (``grpo.data: null``) or a prompt file;
 the reward is ``grpo.reward_fn`` (the schema's default: the verifiable checker alone; the
-embedded config adds half the partial credit of the worked steps). Only
+embedded config adds a tenth of the reward model's score). Only
 what the config needs is loaded: the policy, the reference when ``beta > 0``,
 the reward model when ``reward_fn.rm > 0``. Held-out numbers come from the
 built-in ``rl_val`` split (problems disjoint from every training split):
