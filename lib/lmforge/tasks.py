@@ -34,8 +34,11 @@ _QUOTED = re.compile(r"'([^'\s]+)'|\"([^\"\s]+)\"")
 _WORD = re.compile(r"[A-Za-z0-9]+")
 # A sentence ends at '.', '!' or '?' followed by whitespace or the end.
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
-# An equation ("4 + 3 + 1 = 8") is one word: worked steps share their "+ 0 =" trigrams but are not a ramble.
-_TOKEN = re.compile(r"-?\d+(?:\s*[-+*]\s*\d+)+\s*=\s*-?\d+|\w+|[^\w\s]")
+# Integers joined by + - * on the left of '=', one integer on the right: "4 + 3 + 1 = 8".
+_EQUATION_TEXT = r"-?\d+(?:\s*[-+*]\s*\d+)+\s*=\s*-?\d+"
+_EQUATION = re.compile(rf"(?<![\d-]){_EQUATION_TEXT}")
+# An equation is one word: worked steps share their "+ 0 =" trigrams but are not a ramble.
+_TOKEN = re.compile(rf"{_EQUATION_TEXT}|\w+|[^\w\s]")
 _ARITH_TOKEN = re.compile(r"(?<![\d\s])-\d+|\d+|[-+*]")  # a leading '-' is a sign, a later one an operator
 
 # Dismissive phrasings used by the built-in data, written loosely enough to
@@ -119,13 +122,16 @@ def is_correct(response: str, answer: str, task: str) -> bool:
 
 
 def answer_credit(response: str, answer: str, task: str) -> float:
-    """Partial credit in [0, 1]: the share of the reference answer's characters the response's answer gets right.
+    """Partial credit in [0, 1] for a response to a task with reference ``answer``.
 
-    Characters are compared position by position, integers aligned from the
-    right (so the ones digit meets the ones digit, and a sign or a missing
-    digit counts as a wrong place), other answers from the left; the longer of
-    the two strings is the denominator. A correct answer scores 1, no answer 0.
-    Docstring sentences score 1 or 0: a sentence is not right letter by letter.
+    - arithmetic: ``equation_credit``, the share of the equations written in the
+      response that hold, so worked steps count, not only the final answer;
+    - string: the share of the answer's characters the response's answer gets
+      right, compared position by position, integers aligned from the right (the
+      ones digit meets the ones digit; a sign or a missing digit is a wrong place),
+      other answers from the left, over the longer of the two; a correct answer
+      scores 1, no answer 0;
+    - docstring: 1 or 0, as ``is_correct``: a sentence is not right letter by letter.
     """
     if task == "arithmetic":
         return equation_credit(response)
@@ -143,15 +149,12 @@ def answer_credit(response: str, answer: str, task: str) -> float:
     return sum(a == b for a, b in zip(got, want)) / width if width else 0.0
 
 
-_EQUATION = re.compile(r"(?<![\d-])(-?\d+(?:\s*[-+*]\s*\d+)+)\s*=\s*(-?\d+)")
-
-
 def equation_credit(response: str) -> float:
     """The share of the equations written in a response ("7 + 8 = 15") that hold; 0 without any."""
     found = _EQUATION.findall(response)
     if not found:
         return 0.0
-    return sum(_evaluate(lhs) == int(rhs) for lhs, rhs in found) / len(found)
+    return sum(_evaluate(lhs) == int(rhs) for lhs, rhs in (eq.split("=") for eq in found)) / len(found)
 
 
 def _evaluate(expression: str) -> int:
