@@ -14,6 +14,7 @@ from lmforge.rewards import Rewards
 from lmforge.stages import grpo as grpo_stage
 from lmforge.tokenizer import LMTokenizer
 from lmforge.train.grpo import (GRPOConfig, aggregate, clipped_surrogate, group_advantages, grpo_loss,
+                                process_advantages, response_steps,
                                 informative_groups, k3_kl, make_rollout)
 from lmforge.train.policy import completion_batch, token_logprobs
 from lmforge.workflow import StageEnv
@@ -59,6 +60,69 @@ def test_group_advantages_against_hand_numbers():
 def test_a_group_with_equal_rewards_has_zero_advantage():
     adv = group_advantages(torch.tensor([1.0, 1.0, 0.0, 1.0]), 2, "group")
     assert adv[:2].tolist() == [0.0, 0.0] and adv[2] < 0 < adv[3]
+
+
+def test_process_advantages_sum_the_normalised_rewards_of_the_steps_ahead():
+    """DeepSeekMath's process supervision: r~ = (r - mean) / std over the group's steps, and token t
+    gets the sum of r~ over its response's steps that end at or after t."""
+    steps = [[(1, 1.0), (3, 0.0)], [(0, 1.0), (2, 1.0)], [], [(2, 0.0)]]  # two groups of two
+    # group 1: rewards 1, 0, 1, 1 (mean 0.75, unbiased std 0.5); group 2 has one step only: nothing to compare
+    r = [0.25, -0.75, 0.25, 0.25]
+    expected = torch.tensor([[r[0] + r[1], r[0] + r[1], r[1], r[1], 0.0],
+                             [r[2] + r[3], r[3], r[3], 0.0, 0.0],
+                             [0.0] * 5, [0.0] * 5])
+    torch.testing.assert_close(process_advantages(steps, 2, 5, "none"), expected)
+    torch.testing.assert_close(process_advantages(steps, 2, 5, "group"), expected / (0.5 + 1e-4))
+    batch_std = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0]).std().item()
+    torch.testing.assert_close(process_advantages(steps, 2, 5, "batch"), expected / (batch_std + 1e-4))
+
+
+def test_response_steps_end_at_the_token_that_completes_each_equation(tok):
+    ids = tok.encode("7 + 8 = 15, 4 + 3 + 1 = 9, so 95.") + [tok.end_id]
+    steps = response_steps(tok, ids)
+    assert [holds for _, holds in steps] == [1.0, 0.0]
+    assert [tok.decode(ids[:end + 1]) for end, _ in steps] == ["7 + 8 = 15", "7 + 8 = 15, 4 + 3 + 1 = 9"]
+    assert response_steps(tok, tok.encode("The reverse of 'apple' is 'elppa'.")) == []
+
+
+def test_step_reward_adds_the_process_advantage_to_each_step_s_tokens(tok):
+    """Two answers to one prompt, equal outcome: the one with the false equation is pushed down on the
+    tokens up to that equation, the other up; after the last equation only the outcome counts."""
+    model = tiny_model(tok, 0)
+    records = [{"prompt": "What is 7 + 8?", "answer": "15", "task": "arithmetic"}]
+    right, wrong = "7 + 8 = 15, so 15.", "7 + 8 = 16, so 15."
+
+    def reward_fn(recs, responses, ids):
+        return Rewards(reward=torch.tensor([1.0, 0.0]))
+
+    cfg = GRPOConfig.from_dict(section(batch_size=1, group_size=2, max_new_tokens=12, step_reward=0.5,
+                                       scale_rewards="none"))
+    ro, stats = make_rollout(model, tok, records, cfg, reward_fn, generator=torch.Generator().manual_seed(0))
+    # Replace the sampled answers by known ones and recompute the token advantages from them.
+    from lmforge.train.grpo import token_advantages
+    from lmforge.train.rollout import Rollout
+    response_ids = [tok.encode(t) + [tok.end_id] for t in (right, wrong)]
+    prompt = tok.prompt_ids(records[0]["prompt"])
+    known = Rollout(records=records * 2, prompt_ids=[prompt] * 2, response_ids=response_ids,
+                    responses=[right, wrong], finished=torch.ones(2, dtype=torch.bool),
+                    batch=completion_batch([prompt] * 2, response_ids, tok.pad_id))
+    adv = token_advantages(torch.tensor([0.5, -0.5]), [response_steps(tok, ids) for ids in response_ids], known, cfg)
+    assert adv.shape == known.batch.response_mask.shape
+    end = response_steps(tok, response_ids[0])[0][0]
+    start = len(prompt) - 1
+    # step rewards 1 and 0, mean 0.5: +-0.5, times step_reward 0.5
+    torch.testing.assert_close(adv[0, start:start + end + 1], torch.full((end + 1,), 0.5 + 0.25))
+    torch.testing.assert_close(adv[1, start:start + end + 1], torch.full((end + 1,), -0.5 - 0.25))
+    torch.testing.assert_close(adv[0, start + end + 1:start + len(response_ids[0])],
+                               torch.full((len(response_ids[0]) - end - 1,), 0.5))
+    assert ro.extra["advantages"].dim() == 2  # step_reward > 0: per-token advantages reach the loss
+    assert "rollout/step_accuracy" in stats
+
+
+def test_per_token_advantages_reach_the_clipped_surrogate():
+    logp = torch.zeros(1, 3)
+    loss, _, _ = clipped_surrogate(logp, logp, torch.tensor([[1.0, -2.0, 0.5]]), epsilon=0.2, epsilon_high=0.2)
+    torch.testing.assert_close(loss, torch.tensor([[-1.0, 2.0, -0.5]]))
 
 
 # --------------------------------------------------------------------------- loss pieces

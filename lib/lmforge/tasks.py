@@ -151,10 +151,21 @@ def answer_credit(response: str, answer: str, task: str) -> float:
 
 def equation_credit(response: str) -> float:
     """The share of the equations written in a response ("7 + 8 = 15") that hold; 0 without any."""
-    found = _EQUATION.findall(response)
-    if not found:
-        return 0.0
-    return sum(_evaluate(lhs) == int(rhs) for lhs, rhs in (eq.split("=") for eq in found)) / len(found)
+    steps = equation_steps(response)
+    return sum(holds for _, holds in steps) / len(steps) if steps else 0.0
+
+
+def equation_steps(response: str) -> list[tuple[int, bool]]:
+    """Each equation of a response as (the character offset where it ends, whether it holds), in order.
+
+    "7 + 8 = 15, 4 + 3 + 1 = 9" -> [(10, True), (25, False)]: the steps that
+    process supervision rewards one by one.
+    """
+    out = []
+    for match in _EQUATION.finditer(response):
+        lhs, rhs = match.group().split("=")
+        out.append((match.end(), _evaluate(lhs) == int(rhs)))
+    return out
 
 
 def _evaluate(expression: str) -> int:

@@ -32,6 +32,15 @@ is ``ppo_epochs * batch_size / mini_batch_size`` optimizer steps and
 log-prob, computed once per iteration; when an iteration is a single step the
 policy has not moved yet, so it equals ``logp.detach()`` and is not computed.
 
+Process supervision (DeepSeekMath, section 4.1.3). With ``step_reward`` w > 0,
+each equation a response writes ("7 + 8 = 15") is a step rewarded 1 if it holds
+and 0 if not; a group's step rewards are normalised together (minus their mean,
+divided as ``scale_rewards`` says) and a token's process advantage is the sum of
+the normalised rewards of the steps that end at or after it. A token's advantage
+is then A_i + w * its process advantage: a wrong step is blamed on the tokens that
+wrote it, not on the whole answer. Responses without equations get the outcome
+advantage alone.
+
 Dynamic sampling (DAPO). A group whose answers all score the same has advantage
 0 and only costs compute; when correct answers are rare most groups are like
 that. With ``oversample`` k > 1, up to k * batch_size prompts are sampled,
@@ -48,6 +57,7 @@ import torch
 from lmforge.config import minibatches
 from lmforge.errors import LmforgeError
 from lmforge.train.policy import CompletionBatch, completion_batch, masked_mean, token_logprobs
+from lmforge.tasks import equation_steps
 from lmforge.train.rollout import Rollout, sample_rollout
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
@@ -73,6 +83,7 @@ class GRPOConfig:
     beta: float  # weight of the k3 KL to the reference; 0: no reference at all
     loss_type: str  # grpo | dr_grpo | dapo
     oversample: int = 1  # sample up to this many batches of prompts to find groups whose rewards differ
+    step_reward: float = 0.0  # weight of the per-equation process advantage (0: outcome supervision only)
 
     @classmethod
     def from_dict(cls, section: dict, key: str = "grpo") -> "GRPOConfig":
@@ -95,7 +106,8 @@ class GRPOConfig:
                    ppo_epochs=section["ppo_epochs"], group_size=group, temperature=section["grpo_temperature"],
                    max_new_tokens=section["max_new_tokens"], top_k=section["top_k"], top_p=section["top_p"],
                    scale_rewards=scale, epsilon=eps, epsilon_high=eps if eps_high is None else eps_high,
-                   beta=section["beta"], loss_type=section["loss_type"], oversample=section.get("oversample", 1))
+                   beta=section["beta"], loss_type=section["loss_type"], oversample=section.get("oversample", 1),
+                   step_reward=section.get("step_reward", 0.0))
 
     @property
     def n_minibatches(self) -> int:
@@ -126,6 +138,41 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     return centred.reshape(-1)
 
 
+def process_advantages(steps: Sequence[Sequence[tuple[int, float]]], group_size: int, length: int,
+                       scale: str = "group") -> torch.Tensor:
+    """Per-token process advantages (N, length) from each response's steps, laid out group by group.
+
+    steps[i]: (index of the response token that ends the step, its reward) in order.
+    A group's step rewards r are normalised together, r~ = (r - mean) / scale with
+    scale the std (unbiased, + 1e-4) of the group's step rewards (``group``), of the
+    batch's (``batch``) or 1 (``none``); a group with fewer than two steps gets 0.
+    Token t of response i gets the sum of r~ over its steps ending at or after t.
+    """
+    out = torch.zeros(len(steps), length)
+    every = torch.tensor([r for row in steps for _, r in row], dtype=torch.float)
+    batch_std = every.std() + STD_EPS if len(every) > 1 else None
+    for g in range(0, len(steps), group_size):
+        rewards = torch.tensor([r for row in steps[g:g + group_size] for _, r in row], dtype=torch.float)
+        if len(rewards) < 2:
+            continue
+        mean = rewards.mean()
+        div = {"group": rewards.std() + STD_EPS, "batch": batch_std, "none": 1.0}[scale]
+        for i in range(g, min(g + group_size, len(steps))):
+            for end, r in steps[i]:
+                out[i, :end + 1] += (r - mean) / div
+    return out
+
+
+def response_steps(tok, response_ids: Sequence[int]) -> list[tuple[int, float]]:
+    """(index of the token that completes it, 1.0 if it holds else 0.0) for each equation of a response."""
+    ids = [t for t in response_ids if t != tok.end_id]
+    steps = equation_steps(tok.decode(ids))
+    if not steps:
+        return []
+    ends = [len(tok.decode(ids[:k + 1])) for k in range(len(ids))]  # text length after each token
+    return [(next(k for k, n in enumerate(ends) if n >= end), float(holds)) for end, holds in steps]
+
+
 def group_std(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """Each row's group's reward std (unbiased), (N,): the spread the advantage is measured against."""
     return rewards.float().view(-1, group_size).std(dim=1).repeat_interleave(group_size)
@@ -141,12 +188,12 @@ def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: to
                       epsilon: float, epsilon_high: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PPO's clipped objective per token, as a loss.
 
-    logp, old_logp: (B, T); advantages: (B,) broadcast over each row's tokens.
+    logp, old_logp: (B, T); advantages: (B,) broadcast over each row's tokens, or (B, T) per token.
     Returns (loss (B, T), low_clipped (B, T) bool, high_clipped (B, T) bool): a token
     is clipped where the clipped term is the one ``min`` picks and carries no gradient
     (ratio below 1 - epsilon with A < 0, or above 1 + epsilon_high with A > 0).
     """
-    adv = advantages[:, None]
+    adv = advantages if advantages.dim() == 2 else advantages[:, None]
     ratio = torch.exp(logp - old_logp)
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
     loss = -torch.min(ratio * adv, clipped * adv)
@@ -235,7 +282,13 @@ def make_rollout(policy, tok, records: Sequence[dict], cfg: GRPOConfig, reward_f
                  responses=pick["responses"], finished=torch.tensor(pick["finished"], dtype=torch.bool),
                  batch=completion_batch(pick["prompt_ids"], pick["response_ids"], tok.pad_id, device=device))
     rewards = torch.tensor(pick["rewards"])
-    extra = {"advantages": group_advantages(rewards, G, cfg.scale_rewards), "rewards": rewards,
+    advantages = group_advantages(rewards, G, cfg.scale_rewards)
+    if cfg.step_reward > 0:
+        steps = [response_steps(tok, ids) for ids in ro.response_ids]
+        advantages = token_advantages(advantages, steps, ro, cfg)
+        held = [r for row in steps for _, r in row]
+        stats["rollout/step_accuracy"] = sum(held) / len(held) if held else float("nan")
+    extra = {"advantages": advantages, "rewards": rewards,
              "correct": torch.tensor(pick["correct"]), "group_std": group_std(rewards, G),
              "truncated": (~ro.finished).float()}
     chunk = cfg.mini_batch_size * G
@@ -245,6 +298,18 @@ def make_rollout(policy, tok, records: Sequence[dict], cfg: GRPOConfig, reward_f
         extra["old_logps"] = chunked_logprobs(policy, ro.batch, temperature=cfg.temperature, chunk=chunk)
     ro.extra = {k: v.to(ro.batch.input_ids.device) for k, v in extra.items()}
     return ro, stats
+
+
+def token_advantages(outcome: torch.Tensor, steps: Sequence[Sequence[tuple[int, float]]], ro: Rollout,
+                     cfg: GRPOConfig) -> torch.Tensor:
+    """(N, T-1) advantages over the rollout batch's target positions: outcome + step_reward * process,
+    from each row's outcome advantage (N,) and its steps (``response_steps``)."""
+    process = process_advantages(steps, cfg.group_size, max(len(ids) for ids in ro.response_ids),
+                                 cfg.scale_rewards)
+    out = outcome[:, None].repeat(1, ro.batch.response_mask.shape[1])
+    for i, (p, r) in enumerate(zip(ro.prompt_ids, ro.response_ids)):
+        out[i, len(p) - 1:len(p) - 1 + len(r)] += cfg.step_reward * process[i, :len(r)]
+    return out
 
 
 # --------------------------------------------------------------------------- loss
