@@ -79,10 +79,11 @@ def test_process_advantages_sum_the_normalised_rewards_of_the_steps_ahead():
 
 def test_response_steps_end_at_the_token_that_completes_each_equation(tok):
     ids = tok.encode("7 + 8 = 15, 4 + 3 + 1 = 9, so 95.") + [tok.end_id]
-    steps = response_steps(tok, ids)
+    steps = response_steps(tok, ids, "7 + 8 = 15, 4 + 3 + 1 = 9, so 95.")
     assert [holds for _, holds in steps] == [1.0, 0.0]
     assert [tok.decode(ids[:end + 1]) for end, _ in steps] == ["7 + 8 = 15", "7 + 8 = 15, 4 + 3 + 1 = 9"]
-    assert response_steps(tok, tok.encode("The reverse of 'apple' is 'elppa'.")) == []
+    text = "The reverse of 'apple' is 'elppa'."
+    assert response_steps(tok, tok.encode(text), text) == []
 
 
 def test_step_reward_adds_the_process_advantage_to_each_step_s_tokens(tok):
@@ -106,9 +107,10 @@ def test_step_reward_adds_the_process_advantage_to_each_step_s_tokens(tok):
     known = Rollout(records=records * 2, prompt_ids=[prompt] * 2, response_ids=response_ids,
                     responses=[right, wrong], finished=torch.ones(2, dtype=torch.bool),
                     batch=completion_batch([prompt] * 2, response_ids, tok.pad_id))
-    adv = token_advantages(torch.tensor([0.5, -0.5]), [response_steps(tok, ids) for ids in response_ids], known, cfg)
+    steps = [response_steps(tok, ids, text) for ids, text in zip(response_ids, (right, wrong))]
+    adv = token_advantages(torch.tensor([0.5, -0.5]), steps, known, cfg)
     assert adv.shape == known.batch.response_mask.shape
-    end = response_steps(tok, response_ids[0])[0][0]
+    end = response_steps(tok, response_ids[0], right)[0][0]
     start = len(prompt) - 1
     # step rewards 1 and 0, mean 0.5: +-0.5, times step_reward 0.5
     torch.testing.assert_close(adv[0, start:start + end + 1], torch.full((end + 1,), 0.5 + 0.25))

@@ -148,25 +148,31 @@ def process_advantages(steps: Sequence[Sequence[tuple[int, float]]], group_size:
     batch's (``batch``) or 1 (``none``); a group with fewer than two steps gets 0.
     Token t of response i gets the sum of r~ over its steps ending at or after t.
     """
+    def step_rewards(rows) -> torch.Tensor:
+        return torch.tensor([r for row in rows for _, r in row], dtype=torch.float)
+
+    if scale not in SCALE_REWARDS:
+        raise ValueError(f"unknown scale_rewards {scale!r}")
+    batch_div = step_rewards(steps).std() + STD_EPS if scale == "batch" else 1.0
     out = torch.zeros(len(steps), length)
-    every = torch.tensor([r for row in steps for _, r in row], dtype=torch.float)
-    batch_std = every.std() + STD_EPS if len(every) > 1 else None
     for g in range(0, len(steps), group_size):
-        rewards = torch.tensor([r for row in steps[g:g + group_size] for _, r in row], dtype=torch.float)
+        rewards = step_rewards(steps[g:g + group_size])
         if len(rewards) < 2:
             continue
-        mean = rewards.mean()
-        div = {"group": rewards.std() + STD_EPS, "batch": batch_std, "none": 1.0}[scale]
+        div = rewards.std() + STD_EPS if scale == "group" else batch_div
         for i in range(g, min(g + group_size, len(steps))):
             for end, r in steps[i]:
-                out[i, :end + 1] += (r - mean) / div
+                out[i, :end + 1] += (r - rewards.mean()) / div
     return out
 
 
-def response_steps(tok, response_ids: Sequence[int]) -> list[tuple[int, float]]:
-    """(index of the token that completes it, 1.0 if it holds else 0.0) for each equation of a response."""
+def response_steps(tok, response_ids: Sequence[int], text: str) -> list[tuple[int, float]]:
+    """(index of the token that completes it, 1.0 if it holds else 0.0) for each equation of a response.
+
+    text: the response as the rollout decoded it, its ids without ``<|end|>``.
+    """
     ids = [t for t in response_ids if t != tok.end_id]
-    steps = equation_steps(tok.decode(ids))
+    steps = equation_steps(text)
     if not steps:
         return []
     ends = [len(tok.decode(ids[:k + 1])) for k in range(len(ids))]  # text length after each token
@@ -284,7 +290,7 @@ def make_rollout(policy, tok, records: Sequence[dict], cfg: GRPOConfig, reward_f
     rewards = torch.tensor(pick["rewards"])
     advantages = group_advantages(rewards, G, cfg.scale_rewards)
     if cfg.step_reward > 0:
-        steps = [response_steps(tok, ids) for ids in ro.response_ids]
+        steps = [response_steps(tok, ids, text) for ids, text in zip(ro.response_ids, ro.responses)]
         advantages = token_advantages(advantages, steps, ro, cfg)
         held = [r for row in steps for _, r in row]
         stats["rollout/step_accuracy"] = sum(held) / len(held) if held else float("nan")
@@ -306,9 +312,9 @@ def token_advantages(outcome: torch.Tensor, steps: Sequence[Sequence[tuple[int, 
     from each row's outcome advantage (N,) and its steps (``response_steps``)."""
     process = process_advantages(steps, cfg.group_size, max(len(ids) for ids in ro.response_ids),
                                  cfg.scale_rewards)
-    out = outcome[:, None].repeat(1, ro.batch.response_mask.shape[1])
-    for i, (p, r) in enumerate(zip(ro.prompt_ids, ro.response_ids)):
-        out[i, len(p) - 1:len(p) - 1 + len(r)] += cfg.step_reward * process[i, :len(r)]
+    mask = ro.batch.response_mask.bool()  # each row's response tokens, in order, where completion_batch put them
+    out = outcome[:, None].to(torch.float).repeat(1, mask.shape[1])
+    out[mask] += cfg.step_reward * torch.cat([process[i, :len(ids)] for i, ids in enumerate(ro.response_ids)])
     return out
 
 
