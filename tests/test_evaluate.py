@@ -1,4 +1,5 @@
 """Evaluation measures (win rate, KL, rates, accuracy) and the evaluate stage's files, on tiny models."""
+import itertools
 import json
 import math
 import re
@@ -11,7 +12,8 @@ import torch.nn.functional as F
 
 from lmforge.checkpoint import save_model
 from lmforge.errors import LmforgeError
-from lmforge.evaluate import evaluate_model, fitting_prompts, kl_estimate, response_metrics, win_rate
+from lmforge.evaluate import (evaluate_model, fitting_prompts, kl_estimate, pass_at_k, response_metrics,
+                              sampled_accuracy, win_rate)
 from lmforge.generate import generate
 from lmforge.model import ModelConfig, RewardModel, Transformer
 from lmforge.report import COLUMNS
@@ -147,6 +149,39 @@ def test_accuracy_of_a_model_on_prompts(tok, tmp_path):
     assert metrics["win_rate"] is None and metrics["kl_to_sft"] is None and metrics["rm_score"] == 0.0
 
 
+def test_pass_at_k_is_the_share_of_k_subsets_holding_a_correct_sample():
+    for n in range(1, 7):
+        for c in range(n + 1):
+            labels = [True] * c + [False] * (n - c)
+            for k in range(1, n + 1):
+                subsets = list(itertools.combinations(labels, k))
+                assert pass_at_k(n, c, k) == pytest.approx(sum(any(x) for x in subsets) / len(subsets)), (n, c, k)
+    assert pass_at_k(8, 2, 1) == 0.25  # pass@1 is the share of correct samples
+    for bad in ((4, 5, 1), (4, 1, 0), (4, 1, 5)):
+        with pytest.raises(ValueError, match="pass_at_k needs"):
+            pass_at_k(*bad)
+
+
+def test_sampled_accuracy_counts_each_prompts_own_samples(tok):
+    model = tiny_model(tok, seed=0, scale=10.0)  # peaked: some prompts repeat an answer
+    words = ["apple", "stone", "river", "cloud", "seven"]
+    records = [{"prompt": f"Reverse the word '{w}'.", "task": "string"} for w in words]
+    k = 4
+    # The samples sampled_accuracy draws: a prompt's k samples side by side, one seeded generator.
+    ids = [tok.prompt_ids(r["prompt"]) for r in records for _ in range(k)]
+    out = generate(model, ids, max_new_tokens=5, temperature=1.0, stop_ids=(tok.end_id,), pad_id=tok.pad_id,
+                   generator=torch.Generator().manual_seed(11), batch_size=3).tokens
+    answers = [extract_answer(tok.decode([t for t in x if t != tok.end_id]), "string") for x in out]
+    # A prompt's reference answer is its samples' most frequent one; the last prompt's is one no sample gives.
+    for i, r in enumerate(records):
+        mine = [a for a in answers[i * k:(i + 1) * k] if a is not None]
+        r["answer"] = max(mine, key=mine.count) if i < 4 and mine else "not-the-answer"
+    correct = [sum(a == r["answer"] for a in answers[i * k:(i + 1) * k]) for i, r in enumerate(records)]
+    assert correct[-1] == 0 and all(c >= 1 for c in correct[:4]) and sum(correct) > 4
+    got = sampled_accuracy(model, tok, records, k=k, max_new_tokens=5, seed=11, batch_size=3)
+    assert got == {"accuracy_sampled": pytest.approx(sum(correct) / (k * len(records))), "pass_at_k": 4 / 5}
+
+
 # --------------------------------------------------------------------------- the stage
 
 
@@ -180,7 +215,7 @@ def pipeline(tok, tmp_path_factory):
 
 def run_stage(inputs, out, stages=("pretrain", "sft", "dpo", "ppo")):
     params = {"eval": {"stages": list(stages), "n_prompts": 6, "max_new_tokens": 6, "val_batches": 2,
-                       "n_samples": 2, "batch_size": 4},
+                       "n_samples": 2, "pass_k": 3, "batch_size": 4},
               "data": {"builtin": BUILTIN}, "seed": 3, "code": "test"}
     outputs = {"metrics": str(out / "metrics.csv"), "summary": str(out / "summary.json"),
                "report": str(out / "report.md")}
@@ -218,6 +253,8 @@ def test_metrics_csv_has_a_row_per_stage_equal_to_summary(evaluated):
         assert m["kl_to_sft"] is not None and math.isfinite(m["kl_to_sft"])
         assert 0 <= m["accuracy"] <= 1 and 0 <= m["dismissive_rate"] <= 1 and 0 <= m["repetitive_rate"] <= 1
         assert 0 < m["response_tokens"] <= 6
+    for m in summary["stages"].values():
+        assert 0 <= m["accuracy_sampled"] <= m["pass_at_k"] <= 1
     assert summary["reference"] == "sft" and summary["notes"] == []
 
 
@@ -271,7 +308,8 @@ def test_mlflow_gets_per_stage_metrics_and_the_report(pipeline, tmp_path, monkey
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     params = {"eval": {"stages": ["pretrain", "sft"], "n_prompts": 4, "max_new_tokens": 4, "val_batches": 1,
-                       "n_samples": 1, "batch_size": 4}, "data": {"builtin": BUILTIN}, "seed": 3, "code": "test"}
+                       "n_samples": 1, "pass_k": 0, "batch_size": 4}, "data": {"builtin": BUILTIN}, "seed": 3,
+              "code": "test"}
     out = tmp_path / "eval"
     outputs = {k: str(out / f) for k, f in (("metrics", "metrics.csv"), ("summary", "summary.json"),
                                              ("report", "report.md"))}

@@ -4,6 +4,11 @@
   val tokens (``lmforge.train.lm.evaluate_lm``).
 - ``accuracy``: share of greedy answers to held-out verifiable prompts that
   check out (``tasks.is_correct``).
+- ``accuracy_sampled`` / ``pass_at_k``: from k temperature-1 samples per
+  prompt, the mean share that check out (pass@1) and the share of prompts
+  with at least one that does (pass@k). RL on a verifiable reward mostly moves
+  answers the model can already sample to the greedy one, so pass@k bounds
+  what it can add to ``accuracy`` unless it teaches something new.
 - ``rm_score``: mean reward-model score of those greedy answers.
 - ``win_rate`` / ``wins`` / ``ties`` / ``losses``: per prompt, the reward model
   compares this model's greedy answer with the reference model's (the SFT
@@ -19,6 +24,7 @@
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -93,16 +99,39 @@ def win_rate(scores: Sequence[float], baseline: Sequence[float], texts: Sequence
     return {"win_rate": (wins + 0.5 * ties) / n if n else None, "wins": wins, "ties": ties, "losses": losses}
 
 
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Chance that k of n samples, c of them correct, drawn without replacement hold a correct one.
+
+    The unbiased pass@k estimator of Chen et al. (2021): 1 - C(n - c, k) / C(n, k).
+    """
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
 @torch.no_grad()
 def sample_answers(model: Transformer, tok: LMTokenizer, prompts: Sequence[str], *, max_new_tokens: int,
-                   seed: int, batch_size: int = 64) -> list[list[int]]:
-    """One temperature-1 sample per prompt (no top-k/top-p: the model's own distribution), seeded."""
+                   seed: int, batch_size: int = 64, n: int = 1) -> list[list[int]]:
+    """``n`` temperature-1 samples per prompt, a prompt's samples side by side (no top-k/top-p: the
+    model's own distribution), seeded."""
     device = model.embed_tokens.weight.device
     generator = torch.Generator(device=device).manual_seed(seed)
     with autocast(device):
-        return generate(model, [tok.prompt_ids(p) for p in prompts], max_new_tokens=max_new_tokens,
-                        temperature=1.0, stop_ids=(tok.end_id,), pad_id=tok.pad_id, generator=generator,
-                        batch_size=batch_size).tokens
+        return generate(model, [tok.prompt_ids(p) for p in prompts for _ in range(n)],
+                        max_new_tokens=max_new_tokens, temperature=1.0, stop_ids=(tok.end_id,), pad_id=tok.pad_id,
+                        generator=generator, batch_size=batch_size).tokens
+
+
+def sampled_accuracy(model: Transformer, tok: LMTokenizer, records: Sequence[dict], *, k: int,
+                     max_new_tokens: int, seed: int, batch_size: int = 64) -> dict:
+    """accuracy_sampled (pass@1) and pass_at_k of ``k`` temperature-1 samples per record."""
+    samples = sample_answers(model, tok, [r["prompt"] for r in records], max_new_tokens=max_new_tokens,
+                             seed=seed, batch_size=batch_size, n=k)
+    correct = [sum(is_correct(tok.decode([t for t in samples[i * k + j] if t != tok.end_id]), r["answer"], r["task"])
+                   for j in range(k)) for i, r in enumerate(records)]
+    n = max(len(records), 1)
+    return {"accuracy_sampled": sum(pass_at_k(k, c, 1) for c in correct) / n,
+            "pass_at_k": sum(pass_at_k(k, c, k) for c in correct) / n}
 
 
 @torch.no_grad()
@@ -154,12 +183,13 @@ def answer_prompts(model: Transformer, tok: LMTokenizer, records: Sequence[dict]
 def evaluate_model(model: Transformer, tok: LMTokenizer, records: Sequence[dict], scorer: Scorer, *,
                    val_windows: TokenWindows, val_batches: int, bytes_per_token: float, max_new_tokens: int,
                    seed: int, batch_size: int = 64, reference: Transformer | None = None,
-                   reference_answers: Answers | None = None) -> tuple[dict, Answers]:
+                   reference_answers: Answers | None = None, pass_k: int = 0) -> tuple[dict, Answers]:
     """Every measure of the module docstring for one model. Returns (metrics, its greedy answers).
 
     ``reference`` is the model the KL is taken to and ``reference_answers`` its
     greedy answers (the SFT model's in the evaluate stage); without them the
-    KL / win-rate entries are None.
+    KL / win-rate entries are None. ``pass_k`` samples per prompt give the sampled
+    accuracy and pass@k (0: None).
     """
     model.eval()
     device = model.embed_tokens.weight.device
@@ -169,6 +199,9 @@ def evaluate_model(model: Transformer, tok: LMTokenizer, records: Sequence[dict]
     behaviour = response_metrics(records, answers.responses)
     metrics["accuracy"] = behaviour["accuracy"]
     metrics["rm_score"] = sum(answers.scores) / max(len(answers.scores), 1)
+    metrics.update(sampled_accuracy(model, tok, records, k=pass_k, max_new_tokens=max_new_tokens, seed=seed,
+                                    batch_size=batch_size) if pass_k else
+                   {"accuracy_sampled": None, "pass_at_k": None})
     if reference_answers is not None:
         metrics.update(win_rate(answers.scores, reference_answers.scores, answers.responses,
                                 reference_answers.responses))

@@ -22,6 +22,8 @@ COLUMNS = {
     "val_ppl": "its perplexity, exp(val_loss)",
     "val_bpb": "bits per byte of that text",
     "accuracy": "share of greedy answers to held-out verifiable prompts that are correct",
+    "accuracy_sampled": "share of temperature-1 samples (eval.pass_k per prompt) that are correct: pass@1",
+    "pass_at_k": "share of prompts with a correct answer among those samples: pass@k, k = eval.pass_k",
     "rm_score": "mean reward-model score of the greedy answers",
     "rm_score_sampled": "mean reward-model score of one temperature-1 sample per prompt (the expected reward)",
     "win_rate": "reward-model win rate of the greedy answers against the SFT model's, ties counted 1/2",

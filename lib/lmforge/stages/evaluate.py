@@ -143,7 +143,7 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
                 bytes_per_token=meta["val_bytes_per_token"], max_new_tokens=ecfg["max_new_tokens"],
                 seed=params["seed"], batch_size=ecfg["batch_size"],
                 # The reference against itself: KL 0 and win rate 1/2 by definition, no need to measure.
-                reference=None if is_ref else ref_model, reference_answers=ref_answers)
+                reference=None if is_ref else ref_model, reference_answers=ref_answers, pass_k=ecfg["pass_k"])
             if is_ref:
                 ref_answers = answers[stage]
                 metrics.update({"win_rate": 0.5, "wins": 0, "ties": len(records), "losses": 0, "kl_to_sft": 0.0})
