@@ -166,6 +166,7 @@ def test_sampled_accuracy_counts_each_prompts_own_samples(tok):
     model = tiny_model(tok, seed=0, scale=10.0)  # peaked: some prompts repeat an answer
     words = ["apple", "stone", "river", "cloud", "seven"]
     records = [{"prompt": f"Reverse the word '{w}'.", "task": "string"} for w in words]
+    records[-1]["task"] = "arithmetic"  # its answer below is no number: never right
     k = 4
     # The samples sampled_accuracy draws: a prompt's k samples side by side, one seeded generator.
     ids = [tok.prompt_ids(r["prompt"]) for r in records for _ in range(k)]
@@ -179,7 +180,8 @@ def test_sampled_accuracy_counts_each_prompts_own_samples(tok):
     correct = [sum(a == r["answer"] for a in answers[i * k:(i + 1) * k]) for i, r in enumerate(records)]
     assert correct[-1] == 0 and all(c >= 1 for c in correct[:4]) and sum(correct) > 4
     got = sampled_accuracy(model, tok, records, k=k, max_new_tokens=5, seed=11, batch_size=3)
-    assert got == {"accuracy_sampled": pytest.approx(sum(correct) / (k * len(records))), "pass_at_k": 4 / 5}
+    assert got == {"accuracy_sampled": pytest.approx(sum(correct) / (k * len(records))), "pass_at_k": 4 / 5,
+                   "pass_at_k/arithmetic": 0.0, "pass_at_k/string": 1.0}
 
 
 # --------------------------------------------------------------------------- the stage
@@ -253,8 +255,11 @@ def test_metrics_csv_has_a_row_per_stage_equal_to_summary(evaluated):
         assert m["kl_to_sft"] is not None and math.isfinite(m["kl_to_sft"])
         assert 0 <= m["accuracy"] <= 1 and 0 <= m["dismissive_rate"] <= 1 and 0 <= m["repetitive_rate"] <= 1
         assert 0 < m["response_tokens"] <= 6
+    assert sum(summary["tasks"].values()) == n
     for m in summary["stages"].values():
         assert 0 <= m["accuracy_sampled"] <= m["pass_at_k"] <= 1
+        for name in ("accuracy", "pass_at_k"):  # the whole is the prompt-weighted mean of the tasks
+            assert sum(m[f"{name}/{t}"] * c for t, c in summary["tasks"].items()) / n == pytest.approx(m[name])
     assert summary["reference"] == "sft" and summary["notes"] == []
 
 
@@ -267,6 +272,12 @@ def test_report_samples_and_plots(evaluated):
         row = next(line for line in report.splitlines() if line.startswith(f"| {s} "))
         assert f"{m['val_loss']:.4g}" in row and f"{m['rm_score']:.4g}" in row
         assert f"### {s}" in report
+        by_task = report.split("## Accuracy by task")[1].split("##")[0]
+        assert "Greedy accuracy / pass@3 on each task's prompts" in by_task
+        by_task = by_task.splitlines()
+        row = next(line for line in by_task if line.startswith(f"| {s} "))
+        assert [c.strip() for c in row.strip("|").split("|")][1:] == [
+            f"{m[f'accuracy/{t}']:.3f} / {m[f'pass_at_k/{t}']:.3f}" for t in summary["tasks"]]
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [x["stage"] for x in samples] == ["pretrain"] * 2 + ["sft"] * 2 + ["dpo"] * 2
     assert {"prompt", "answer", "task", "response", "rm_score", "correct"} <= samples[0].keys()

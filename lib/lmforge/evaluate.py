@@ -9,6 +9,7 @@
   with at least one that does (pass@k). RL on a verifiable reward mostly moves
   answers the model can already sample to the greedy one, so pass@k bounds
   what it can add to ``accuracy`` unless it teaches something new.
+- ``accuracy/<task>`` / ``pass_at_k/<task>``: the same on each task's prompts.
 - ``rm_score``: mean reward-model score of those greedy answers.
 - ``win_rate`` / ``wins`` / ``ties`` / ``losses``: per prompt, the reward model
   compares this model's greedy answer with the reference model's (the SFT
@@ -25,6 +26,7 @@
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -65,6 +67,14 @@ def fitting_prompts(records: Sequence[dict], tok: LMTokenizer, max_seq_len: int)
 def share(flags: Sequence[bool]) -> float:
     """Share of true flags; 0.0 for none."""
     return sum(bool(f) for f in flags) / max(len(flags), 1)
+
+
+def per_task(records: Sequence[dict], values: Sequence[float], name: str) -> dict:
+    """``{name}/{task}``: the mean of ``values`` over each task's records, tasks in sorted order."""
+    groups = defaultdict(list)
+    for r, v in zip(records, values):
+        groups[r["task"]].append(float(v))
+    return {f"{name}/{task}": sum(v) / len(v) for task, v in sorted(groups.items())}
 
 
 def response_metrics(records: Sequence[dict], responses: Sequence[str]) -> dict:
@@ -124,14 +134,15 @@ def sample_answers(model: Transformer, tok: LMTokenizer, prompts: Sequence[str],
 
 def sampled_accuracy(model: Transformer, tok: LMTokenizer, records: Sequence[dict], *, k: int,
                      max_new_tokens: int, seed: int, batch_size: int = 64) -> dict:
-    """accuracy_sampled (pass@1) and pass_at_k of ``k`` temperature-1 samples per record."""
+    """accuracy_sampled (pass@1) and pass_at_k, overall and per task, of ``k`` temperature-1 samples per record."""
     samples = sample_answers(model, tok, [r["prompt"] for r in records], max_new_tokens=max_new_tokens,
                              seed=seed, batch_size=batch_size, n=k)
     correct = [sum(is_correct(tok.decode([t for t in samples[i * k + j] if t != tok.end_id]), r["answer"], r["task"])
                    for j in range(k)) for i, r in enumerate(records)]
     n = max(len(records), 1)
-    return {"accuracy_sampled": sum(pass_at_k(k, c, 1) for c in correct) / n,
-            "pass_at_k": sum(pass_at_k(k, c, k) for c in correct) / n}
+    passed = [pass_at_k(k, c, k) for c in correct]
+    return {"accuracy_sampled": sum(pass_at_k(k, c, 1) for c in correct) / n, "pass_at_k": sum(passed) / n,
+            **per_task(records, passed, "pass_at_k")}
 
 
 @torch.no_grad()
@@ -198,6 +209,8 @@ def evaluate_model(model: Transformer, tok: LMTokenizer, records: Sequence[dict]
     answers = answer_prompts(model, tok, records, scorer, max_new_tokens=max_new_tokens, batch_size=batch_size)
     behaviour = response_metrics(records, answers.responses)
     metrics["accuracy"] = behaviour["accuracy"]
+    metrics.update(per_task(records, [is_correct(s, r["answer"], r["task"])
+                                      for s, r in zip(answers.responses, records)], "accuracy"))
     metrics["rm_score"] = sum(answers.scores) / max(len(answers.scores), 1)
     metrics.update(sampled_accuracy(model, tok, records, k=pass_k, max_new_tokens=max_new_tokens, seed=seed,
                                     batch_size=batch_size) if pass_k else

@@ -51,6 +51,20 @@ def write_metrics_csv(table: pd.DataFrame, path: str | Path) -> None:
     atomic_write_text(path, table.to_csv())
 
 
+def task_table(summary: dict) -> pd.DataFrame:
+    """One row per stage, one column per task of ``summary["tasks"]``: its greedy accuracy, and
+    " / " its pass@k where that was measured (``accuracy/<task>``, ``pass_at_k/<task>`` metrics)."""
+    def cell(m: dict, task: str) -> str:
+        greedy, passed = m.get(f"accuracy/{task}"), m.get(f"pass_at_k/{task}")
+        if greedy is None:
+            return "–"
+        return f"{greedy:.3f}" + (f" / {passed:.3f}" if passed is not None else "")
+
+    tasks = summary.get("tasks") or {}
+    return pd.DataFrame([{f"{t} ({n})": cell(m, t) for t, n in tasks.items()} for m in summary["stages"].values()],
+                        index=pd.Index(list(summary["stages"]), name="stage"))
+
+
 def format_table(table: pd.DataFrame) -> pd.DataFrame:
     """The table as text: 4 significant digits, '–' where a metric does not apply."""
     def cell(v) -> str:
@@ -150,6 +164,11 @@ def render_report(summary: dict, table: pd.DataFrame, samples: dict[str, list[di
         *[f"- `{c}`: {meaning}" for c, meaning in COLUMNS.items()],
         "",
     ]
+    if summary.get("tasks"):
+        lines += ["## Accuracy by task", "",
+                  ("Greedy accuracy" + (f" / pass@{summary['pass_k']}" if summary.get("pass_k") else "")
+                   + " on each task's prompts (their number in brackets)."), "",
+                  task_table(summary).to_markdown(), ""]
     if summary.get("notes"):
         lines += ["Notes:", "", *[f"- {n}" for n in summary["notes"]], ""]
     if plots:

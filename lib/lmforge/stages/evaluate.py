@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 from lmforge.checkpoint import atomic_write_json, atomic_write_text, load_model, read_checkpoint
@@ -156,6 +157,7 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
         wall = time.perf_counter() - t0
 
         summary = {"stages": per_stage, "reference": reference, "n_prompts": len(records),
+                   "tasks": dict(sorted(Counter(r["task"] for r in records).items())), "pass_k": ecfg["pass_k"],
                    "n_skipped": len(heldout) - len(records), "max_new_tokens": ecfg["max_new_tokens"],
                    "reward_model": str(inputs["reward_model"]), "notes": notes, "timing_s": timing,
                    "wall_s": wall, "device": str(device), "mlflow_run_id": run.run_id}
