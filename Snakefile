@@ -1,12 +1,17 @@
 # lmforge: tokenizer -> tokenize -> pretrain (-> sft -> reward -> dpo/ppo/grpo/star -> evaluate)
 from snakemake.utils import min_version, validate
 
+from lmforge.config import load_schema
+from lmforge.workflow import coerce_strings
+
 min_version("9.0")
 
 
 configfile: "config/config.yaml"
 
 
+# --config values arrive as text below the top level ("0", "[1, 2]" items): typed by the schema first.
+config.update(coerce_strings(config, load_schema()))
 validate(config, "workflow/schemas/config.schema.yaml")
 
 

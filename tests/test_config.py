@@ -194,3 +194,28 @@ def test_a_nullable_section_reports_the_objects_own_complaint(lora, message):
 def test_new_training_knobs_name_their_key(override, message):
     with pytest.raises(LmforgeError, match=message):
         check_config(override)
+
+
+def test_snakemake_config_text_is_typed_by_the_schema():
+    # What `--config 'eval={...}' 'seeds=[1, 2]'` hands the Snakefile: YAML's base loader keeps
+    # every nested scalar as text.
+    from lmforge.workflow import coerce_strings
+
+    text = {"seeds": ["1", "2"], "eval": {"pass_k": "0", "stages": ["sft", "dpo"]},
+            "pretrain": {"lr": "1e-4", "compile": "true", "resume_from": "null"},
+            "threads": "~", "grpo": {"lora": {"r": "8", "alpha": "16"}, "beta": "0"},
+            "dpo": {"on_policy": "true", "loss_type": "ipo"}, "tokenizer": {"path": "123"},
+            "resources": {"sft": {"mem_mb": "8000", "runtime": "2h"}}}
+    typed = coerce_strings(text, load_schema())
+    assert typed == {"seeds": [1, 2], "eval": {"pass_k": 0, "stages": ["sft", "dpo"]},
+                     "pretrain": {"lr": 1e-4, "compile": True, "resume_from": None},
+                     "threads": None, "grpo": {"lora": {"r": 8, "alpha": 16}, "beta": 0.0},
+                     "dpo": {"on_policy": True, "loss_type": "ipo"}, "tokenizer": {"path": "123"},
+                     "resources": {"sft": {"mem_mb": 8000, "runtime": "2h"}}}
+    assert type(typed["grpo"]["lora"]["alpha"]) is float and type(typed["eval"]["pass_k"]) is int
+    apply_schema(typed)  # valid now
+    # Text that spells no allowed type stays text, and validation names its key.
+    bad = coerce_strings({"eval": {"pass_k": "eight"}}, load_schema())
+    assert bad == {"eval": {"pass_k": "eight"}}
+    with pytest.raises(LmforgeError, match=r"config key 'eval.pass_k': expected integer, got 'eight'"):
+        apply_schema(bad)

@@ -12,11 +12,65 @@ import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from lmforge.errors import LmforgeError
 
 LIB_ROOT = Path(__file__).resolve().parent
+
+
+def _branches(schema: dict) -> list[dict]:
+    """The schema and the alternatives of its anyOf/oneOf."""
+    return [schema, *schema.get("anyOf", []), *schema.get("oneOf", [])]
+
+
+def _scalar_from_text(text: str, types: set[str]) -> Any:
+    """``text`` as the first of the schema's types it spells, else ``text`` unchanged."""
+    if "integer" in types:
+        try:
+            return int(text)
+        except ValueError:
+            pass
+    if "number" in types:
+        try:
+            return float(text)
+        except ValueError:
+            pass
+    if "boolean" in types and text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return text
+
+
+def coerce_strings(value: Any, schema: dict) -> Any:
+    """``value`` with text turned into the integers, numbers, booleans and nulls its schema asks for.
+
+    Snakemake reads ``--config 'eval={"pass_k": 0}'`` and ``--config 'seeds=[1, 2]'`` with
+    YAML's base loader, which leaves every nested scalar a string ("0", "1"). "null" and "~"
+    become None wherever the schema allows null; otherwise, where it allows a string the text
+    stays as it is, and text that spells none of the allowed types stays too, so that
+    validation names its key.
+    """
+    branches = _branches(schema)
+    if isinstance(value, dict):
+        shape = next((b for b in branches if "properties" in b or "additionalProperties" in b), {})
+        props, extra = shape.get("properties", {}), shape.get("additionalProperties")
+        return {k: coerce_strings(v, props.get(k, extra if isinstance(extra, dict) else {}))
+                for k, v in value.items()}
+    if isinstance(value, list):
+        items = next((b["items"] for b in branches if isinstance(b.get("items"), dict)), {})
+        return [coerce_strings(v, items) for v in value]
+    if not isinstance(value, str):
+        return value
+    types = set()
+    for b in branches:
+        kind = b.get("type", [])
+        types |= {kind} if isinstance(kind, str) else set(kind)
+    if "null" in types and value.lower() in ("null", "~"):  # YAML's null, even where a string is allowed
+        return None
+    for member in (m for b in branches for m in b.get("enum", []) if not isinstance(m, str)):
+        if value.lower() == {None: "null", True: "true", False: "false"}.get(member, str(member)):
+            return member  # on_policy: [false, true, mixed] has no type, only its members
+    return value if "string" in types else _scalar_from_text(value, types)
 
 
 def code_version(*relpaths: str) -> str:
