@@ -118,7 +118,8 @@ def test_response_metrics_rates_on_hand_made_answers():
                  "The reverse of 'apple' is 'elppa'.",             # correct
                  "the word the word the word the word the word",   # repetitive
                  ""]                                               # empty: dismissive, wrong
-    assert response_metrics(records, responses) == {"accuracy": 2 / 5, "dismissive_rate": 2 / 5,
+    assert response_metrics(records, responses) == {"accuracy": 2 / 5, "accuracy/arithmetic": 1 / 3,
+                                                    "accuracy/string": 1 / 2, "dismissive_rate": 2 / 5,
                                                     "repetitive_rate": 1 / 5}
 
 

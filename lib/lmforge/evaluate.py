@@ -78,9 +78,12 @@ def per_task(records: Sequence[dict], values: Sequence[float], name: str) -> dic
 
 
 def response_metrics(records: Sequence[dict], responses: Sequence[str]) -> dict:
-    """accuracy, dismissive_rate and repetitive_rate of answers to records (``{"answer", "task"}``)."""
+    """accuracy (overall and ``accuracy/<task>``), dismissive_rate and repetitive_rate of answers to
+    records (``{"answer", "task"}``)."""
+    correct = [is_correct(s, r["answer"], r["task"]) for s, r in zip(responses, records)]
     return {
-        "accuracy": share([is_correct(s, r["answer"], r["task"]) for s, r in zip(responses, records)]),
+        "accuracy": share(correct),
+        **per_task(records, correct, "accuracy"),
         "dismissive_rate": share([is_dismissive(s) for s in responses]),
         "repetitive_rate": share([is_repetitive(s) for s in responses]),
     }
@@ -208,9 +211,7 @@ def evaluate_model(model: Transformer, tok: LMTokenizer, records: Sequence[dict]
         metrics = evaluate_lm(model, val_windows, val_batches, bytes_per_token)
     answers = answer_prompts(model, tok, records, scorer, max_new_tokens=max_new_tokens, batch_size=batch_size)
     behaviour = response_metrics(records, answers.responses)
-    metrics["accuracy"] = behaviour["accuracy"]
-    metrics.update(per_task(records, [is_correct(s, r["answer"], r["task"])
-                                      for s, r in zip(answers.responses, records)], "accuracy"))
+    metrics.update({k: v for k, v in behaviour.items() if k.startswith("accuracy")})
     metrics["rm_score"] = sum(answers.scores) / max(len(answers.scores), 1)
     metrics.update(sampled_accuracy(model, tok, records, k=pass_k, max_new_tokens=max_new_tokens, seed=seed,
                                     batch_size=batch_size) if pass_k else

@@ -68,7 +68,7 @@ def coerce_strings(value: Any, schema: dict) -> Any:
     if "null" in types and value.lower() in ("null", "~"):  # YAML's null, even where a string is allowed
         return None
     for member in (m for b in branches for m in b.get("enum", []) if not isinstance(m, str)):
-        if value.lower() == {None: "null", True: "true", False: "false"}.get(member, str(member)):
+        if value.lower() == ("null" if member is None else str(member).lower()):
             return member  # on_policy: [false, true, mixed] has no type, only its members
     return value if "string" in types else _scalar_from_text(value, types)
 

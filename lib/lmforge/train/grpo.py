@@ -159,10 +159,10 @@ def process_advantages(steps: Sequence[Sequence[tuple[int, float]]], group_size:
         rewards = step_rewards(steps[g:g + group_size])
         if len(rewards) < 2:
             continue
-        div = rewards.std() + STD_EPS if scale == "group" else batch_div
+        mean, div = rewards.mean(), rewards.std() + STD_EPS if scale == "group" else batch_div
         for i in range(g, min(g + group_size, len(steps))):
             for end, r in steps[i]:
-                out[i, :end + 1] += (r - rewards.mean()) / div
+                out[i, :end + 1] += (r - mean) / div
     return out
 
 
