@@ -266,6 +266,31 @@ def test_sums_and_differences_are_worked_in_true_column_steps(data):
     assert _column_steps(5, 3, "-") == "5 - 3 = 2, 0 - 0 - 0 = 0"
 
 
+def test_a_share_of_worked_steps_mixes_the_two_styles_per_answer():
+    cfg = {"n_sft": 4000, "n_pref": 1000, "n_rl": 10, "noise": {}}
+    mixed = builtin.make_task_data({**cfg, "worked_steps": 0.6}, seed=3)
+
+    def worked(text: str) -> bool:
+        return ", so " in text
+
+    sums = [r for r in mixed["sft_train"] if r["task"] == "arithmetic" and "*" not in r["messages"][0]["content"]]
+    share = sum(worked(r["messages"][1]["content"]) for r in sums) / len(sums)
+    assert 0.55 < share < 0.65, share  # ~1,900 answers: the binomial sd is 0.011
+    for r in sums:  # either style answers right, and a worked one holds in every step
+        response = r["messages"][1]["content"]
+        assert tasks.is_correct(response, r["answer"], "arithmetic"), response
+        assert tasks.equation_credit(response) == 1.0 and response.count("=") == (2 if worked(response) else 1)
+    # Multiplication and the other tasks have no steps; a pair shows both answers in one style.
+    assert not any(worked(r["messages"][1]["content"]) for r in mixed["sft_train"] if r["task"] != "arithmetic")
+    pairs = [r for r in mixed["pref_train"] if r["task"] == "arithmetic" and r["rejected_kind"] == "wrong"]
+    assert {worked(r["chosen"]) for r in pairs} == {True, False}
+    assert all(worked(r["chosen"]) == worked(r["rejected"]) for r in pairs)
+    # The ends of the range are the two styles, with the same records as true and false.
+    for share, flag in ((0, False), (1, True), (1.0, True)):
+        assert builtin.make_task_data({**cfg, "worked_steps": share}, seed=3) == \
+            builtin.make_task_data({**cfg, "worked_steps": flag}, seed=3)
+
+
 def test_preference_pairs(data):
     for r in data["pref_train"] + data["pref_val"]:
         assert r["chosen"] != r["rejected"]
@@ -319,7 +344,8 @@ def test_validation_problems_are_not_repeated_when_pool_allows(data):
         ({"tasks": {"string": -1}}, "data.builtin.tasks.string: expected a non-negative number"),
         ({"noise": {"wrong": 0.7, "rambling": 0.6}}, "data.builtin.noise: shares sum to 1.3"),
         ({"rejected": "wrong"}, "data.builtin.rejected: expected a mapping"),
-        ({"worked_steps": "yes"}, "data.builtin.worked_steps: expected true or false"),
+        ({"worked_steps": "yes"}, "data.builtin.worked_steps: expected true, false or a share between 0 and 1"),
+        ({"worked_steps": 1.5}, "data.builtin.worked_steps: expected true, false or a share between 0 and 1, got 1.5"),
     ],
 )
 def test_bad_config_names_the_key(cfg, message):

@@ -51,8 +51,8 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
     "n_val": 200,
     # Share of every task's problem space reserved for the held-out splits.
     "heldout_fraction": 0.2,
-    # Answer sums and differences by column steps ("7 + 8 = 15, 4 + 3 + 1 = 8, so 85.")
-    # instead of the bare equation ("47 + 38 = 85.").
+    # Share of sum and difference answers written by column steps ("7 + 8 = 15, 4 + 3 + 1 = 8,
+    # so 85.") instead of the bare equation ("47 + 38 = 85."), drawn per answer; true: all, false: none.
     "worked_steps": False,
     # Mixture weights of the tasks (normalized; 0 drops a task).
     "tasks": {"arithmetic": 0.5, "string": 0.35, "docstring": 0.15},
@@ -382,6 +382,7 @@ class Problem:
     answer: str
     template: str  # contains "{}" where the answer goes
     wrong_answers: tuple[str, ...]
+    steps: str = ""  # the worked steps before the answer ("7 + 8 = 15, 4 + 3 + 1 = 8"), where the task has them
 
     def __post_init__(self) -> None:
         # A palindrome's reverse or an already sorted word makes some candidate
@@ -391,8 +392,9 @@ class Problem:
             raise ValueError(f"problem {self.task}:{self.key} has no wrong answer")
         object.__setattr__(self, "wrong_answers", wrong)
 
-    def respond(self, answer: str) -> str:
-        return self.template.format(answer)
+    def respond(self, answer: str, worked: bool = False) -> str:
+        """The response that gives `answer`, after the worked steps if `worked` and the problem has them."""
+        return f"{self.steps}, so {answer}." if worked and self.steps else self.template.format(answer)
 
 
 def _swap_adjacent(text: str, rng: random.Random) -> str:
@@ -423,8 +425,8 @@ def _column_steps(a: int, b: int, op: str) -> str:
     return f"{prefix}{ones}, {a // 10} - {b // 10} - {borrow} = {a // 10 - b // 10 - borrow}"
 
 
-def _arithmetic_problems(worked_steps: bool = False) -> list[Problem]:
-    """Addition and subtraction of 0-99 (answered by column steps if `worked_steps`), multiplication of single digits."""
+def _arithmetic_problems() -> list[Problem]:
+    """Addition and subtraction of 0-99 (with their column steps), multiplication of single digits."""
     problems = []
     spaces = (("+", range(100), lambda a, b: a + b), ("-", range(100), lambda a, b: a - b),
               ("*", range(10), lambda a, b: a * b))
@@ -433,9 +435,8 @@ def _arithmetic_problems(worked_steps: bool = False) -> list[Problem]:
             for b in operands:
                 result = fn(a, b)
                 wrong = tuple(str(result + d) for d in (-10, -2, -1, 1, 2, 10))
-                steps = _column_steps(a, b, op) + ", so " if worked_steps and op != "*" else ""
                 problems.append(Problem("arithmetic", f"{a}{op}{b}", f"What is {a} {op} {b}?", str(result),
-                                        f"{steps}{{}}." if steps else f"{a} {op} {b} = {{}}.", wrong))
+                                        f"{a} {op} {b} = {{}}.", wrong, _column_steps(a, b, op) if op != "*" else ""))
     return problems
 
 
@@ -480,7 +481,7 @@ def _docstring_problems() -> list[Problem]:
 
 # Each task's problem space, given the resolved data.builtin options.
 _PROBLEM_SPACES: dict[str, Callable[[dict], list[Problem]]] = {
-    "arithmetic": lambda opts: _arithmetic_problems(opts["worked_steps"]),
+    "arithmetic": lambda opts: _arithmetic_problems(),
     "string": lambda opts: _string_problems(),
     "docstring": lambda opts: _docstring_problems(),
 }
@@ -501,16 +502,26 @@ def is_heldout(problem: Problem, fraction: float) -> bool:
 # ---------------------------------------------------------------------------
 
 
-def _response(problem: Problem, kind: str, rng: random.Random) -> str:
-    """A response of the given kind: helpful, dismissive, wrong or rambling."""
+def _worked(problem: Problem, share: float, rng: random.Random) -> bool:
+    """Whether a response to `problem` shows its worked steps: with probability `share`.
+
+    No number is drawn for a share of 0 or 1 or a problem without steps, so
+    those data are the same as if the option did not exist."""
+    if not problem.steps or share <= 0:
+        return False
+    return share >= 1 or rng.random() < share
+
+
+def _response(problem: Problem, kind: str, rng: random.Random, worked: bool = False) -> str:
+    """A response of the given kind: helpful, dismissive, wrong or rambling (worked: with the steps)."""
     if kind == "helpful":
-        return problem.respond(problem.answer)
+        return problem.respond(problem.answer, worked)
     if kind == "dismissive":
         return rng.choice(_DISMISSIVE_RESPONSES)
     if kind == "wrong":
-        return problem.respond(rng.choice(problem.wrong_answers))
+        return problem.respond(rng.choice(problem.wrong_answers), worked)
     if kind == "rambling":
-        helpful = problem.respond(problem.answer)
+        helpful = problem.respond(problem.answer, worked)
         if rng.random() < 0.5:  # the answer buried after repeated filler
             return " ".join([rng.choice(_FILLERS)] * rng.randint(3, 4) + [helpful])
         return " ".join([helpful] * rng.randint(3, 4))  # the same sentence over and over
@@ -544,28 +555,31 @@ def _draw(pool: list[Problem], k: int, rng: random.Random) -> list[Problem]:
     return drawn
 
 
-def _sft_record(problem: Problem, kind: str, rng: random.Random) -> dict:
+def _sft_record(problem: Problem, kind: str, rng: random.Random, share: float) -> dict:
+    worked = _worked(problem, share, rng)
     return {
         "messages": [{"role": "user", "content": problem.prompt},
-                     {"role": "assistant", "content": _response(problem, kind, rng)}],
+                     {"role": "assistant", "content": _response(problem, kind, rng, worked)}],
         "task": problem.task,
         "answer": problem.answer,
         "kind": kind,
     }
 
 
-def _pref_record(problem: Problem, kind: str, rng: random.Random) -> dict:
+def _pref_record(problem: Problem, kind: str, rng: random.Random, share: float) -> dict:
+    # One style for both answers: the pair is about helpfulness, not about showing steps.
+    worked = _worked(problem, share, rng)
     return {
         "prompt": problem.prompt,
-        "chosen": _response(problem, "helpful", rng),
-        "rejected": _response(problem, kind, rng),
+        "chosen": _response(problem, "helpful", rng, worked),
+        "rejected": _response(problem, kind, rng, worked),
         "task": problem.task,
         "answer": problem.answer,
         "rejected_kind": kind,
     }
 
 
-def _rl_record(problem: Problem, kind: str, rng: random.Random) -> dict:
+def _rl_record(problem: Problem, kind: str, rng: random.Random, share: float) -> dict:
     return {"prompt": problem.prompt, "answer": problem.answer, "task": problem.task}
 
 
@@ -590,8 +604,10 @@ def _resolve(cfg: dict | None) -> dict[str, Any]:
     out["tasks"] = _weights(out["tasks"], "tasks", TASKS)
     out["rejected"] = _weights(out["rejected"], "rejected", UNHELPFUL_KINDS)
     out["noise"] = _weights(out["noise"], "noise", UNHELPFUL_KINDS, may_be_zero=True)
-    if not isinstance(out["worked_steps"], bool):
-        raise LmforgeError(f"data.builtin.worked_steps: expected true or false, got {out['worked_steps']!r}")
+    steps = out["worked_steps"]
+    if not isinstance(steps, (bool, int, float)) or not 0 <= steps <= 1:
+        raise LmforgeError(f"data.builtin.worked_steps: expected true, false or a share between 0 and 1, got {steps!r}")
+    out["worked_steps"] = float(steps)
     if sum(out["noise"].values()) > 1:
         raise LmforgeError(f"data.builtin.noise: shares sum to {sum(out['noise'].values()):.4g}, more than 1")
     return out
@@ -669,7 +685,8 @@ def make_task_data(cfg: dict | None, seed: int) -> dict[str, list[dict]]:
                         for t in sorted(tasks)}
         problems_by_task = {t: iter(problems) for t, problems in drawn[split].items()}
         kind_labels = _shuffled_labels(kinds, size, rng)
-        data[split] = [make(next(problems_by_task[t]), kind, rng) for t, kind in zip(task_labels, kind_labels)]
+        data[split] = [make(next(problems_by_task[t]), kind, rng, opts["worked_steps"])
+                       for t, kind in zip(task_labels, kind_labels)]
     return data
 
 
