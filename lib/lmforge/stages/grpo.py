@@ -34,7 +34,7 @@ from lmforge.train.loop import final_weights, train
 from lmforge.train.policy import load_reference
 from lmforge.train.rollout import RolloutSchedule, prompt_stream
 
-VAL_PROMPTS = 100  # rl_dev prompts greedily answered at each evaluation (checkpoint selection)
+VAL_PROMPTS = 500  # rl_dev prompts greedily answered at each evaluation: 100 pick a checkpoint within +-4 points only
 
 
 def prompt_ids(tok, prompt) -> list[int]:
