@@ -70,13 +70,14 @@ def cpu_small_config() -> dict:
 
 def worker(job: dict) -> dict:
     """Run ``job['steps']`` SFT steps from ``job['base']`` with the memory options ``job['options']``."""
-    from lmforge.checkpoint import load_model, read_checkpoint
+    from lmforge.loader import load_model, read_checkpoint
     from lmforge.config import TrainConfig, apply_schema
     from lmforge.data.builtin import make_task_data
     from lmforge.data.formats import load_sft
     from lmforge.device import seed_everything
     from lmforge.stages.common import memory_options
-    from lmforge.lora import has_adapters, save_adapter
+    from lmforge.loader import save_adapter
+    from lmforge.lora import has_adapters
     from lmforge.checkpoint import save_model
     from lmforge.train.loop import train
     from lmforge.train.sft import SFTBatches, encode_conversations, evaluate_sft, sft_loss
@@ -219,7 +220,8 @@ def main() -> None:
         print(json.dumps(worker(json.loads(args.worker))))
         return
 
-    from lmforge.checkpoint import read_checkpoint, save_model
+    from lmforge.checkpoint import save_model
+    from lmforge.loader import read_checkpoint
     from lmforge.model import ModelConfig, Transformer
     from lmforge.tokenizer import LMTokenizer
 

@@ -5,10 +5,10 @@ import hashlib
 import pytest
 import torch
 
-from lmforge.checkpoint import (
-    atomic_torch_save, atomic_write_json, atomic_write_text, file_sha256, load_model, read_checkpoint, save_model,
-)
+from lmforge.checkpoint import atomic_torch_save, save_model
 from lmforge.errors import LmforgeError
+from lmforge.files import atomic_write_json, atomic_write_text, file_sha256
+from lmforge.loader import load_model, read_checkpoint
 from lmforge.model import ModelConfig, RewardModel, Transformer
 from lmforge.tokenizer import LMTokenizer
 

@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 
-from lmforge.checkpoint import load_model, save_model
+from lmforge.checkpoint import save_model
 from lmforge.config import apply_schema
 from lmforge.data.builtin import make_task_data
 from lmforge.errors import LmforgeError
+from lmforge.loader import load_model
 from lmforge.model import ModelConfig, Transformer
 from lmforge.rewards import Rewards
 from lmforge.stages import grpo as grpo_stage

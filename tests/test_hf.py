@@ -4,11 +4,12 @@ import json
 import pytest
 import torch
 
-from lmforge import hf
-from lmforge.checkpoint import load_model, read_checkpoint, save_model
+from lmforge import hf, loader
+from lmforge.checkpoint import save_model
 from lmforge.cli import main
 from lmforge.config import check_config
 from lmforge.errors import LmforgeError
+from lmforge.loader import load_model, read_checkpoint
 from lmforge.model import ModelConfig, Transformer, yarn_attention_scale, yarn_frequencies
 from lmforge.tokenizer import LMTokenizer
 from test_model import build
@@ -56,7 +57,7 @@ def test_export_loads_in_transformers_with_the_same_logits(case, tmp_path, tok):
     transformers = pytest.importorskip("transformers")
     overrides, arch = CASES[case]
     model, ckpt = saved(tmp_path / "model.pt", tok, **overrides)
-    out = hf.export(ckpt, tmp_path / "hf")
+    out = loader.export(ckpt, tmp_path / "hf")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(theirs).__name__ == arch and theirs.dtype == torch.float32
     ids = token_ids(BASE["vocab_size"])
@@ -95,7 +96,7 @@ def test_export_in_bfloat16_halves_the_weights(tmp_path, tok):
     from safetensors import safe_open
 
     model, ckpt = saved(tmp_path / "model.pt", tok)
-    out = hf.export(ckpt, tmp_path / "hf", dtype="bfloat16")
+    out = loader.export(ckpt, tmp_path / "hf", dtype="bfloat16")
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
     back, _, _ = load_model(out)
@@ -115,7 +116,7 @@ def test_export_refuses_what_llama_and_qwen2_cannot_compute(option, value, messa
     extra = dict(original_max_seq_len=16, rope_scaling_factor=2.0) if value == "yarn" else {}
     _, ckpt = saved(tmp_path / "model.pt", tok, **{option: value}, **extra)
     with pytest.raises(LmforgeError, match=message):
-        hf.export(ckpt, tmp_path / "hf")
+        loader.export(ckpt, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
 
 
@@ -140,7 +141,7 @@ def test_yarn_is_refused_because_transformers_computes_other_frequencies():
 @torch.no_grad()
 def test_round_trip_is_exact(case, tmp_path, tok):
     model, ckpt = saved(tmp_path / "model.pt", tok, **CASES[case][0])
-    back, back_tok, back_ckpt = load_model(hf.export(ckpt, tmp_path / "hf"))
+    back, back_tok, back_ckpt = load_model(loader.export(ckpt, tmp_path / "hf"))
     assert back.cfg == model.cfg and back_tok.sha256 == tok.sha256
     assert back_ckpt["kind"] == "causal_lm" and back_ckpt["meta"]["stage"] == "hf_import"
     ids = token_ids(320)
@@ -149,7 +150,7 @@ def test_round_trip_is_exact(case, tmp_path, tok):
 
 def test_generate_and_chat_read_an_exported_folder(tmp_path, tok, capsys, monkeypatch):
     _, ckpt = saved(tmp_path / "model.pt", tok)
-    out = hf.export(ckpt, tmp_path / "hf")
+    out = loader.export(ckpt, tmp_path / "hf")
     args = ["--prompt", "Is 4 even?", "--max-new-tokens", "6", "--seed", "3"]
     assert main(["generate", str(ckpt), *args]) == 0
     from_pt = capsys.readouterr().out
@@ -256,7 +257,7 @@ def test_init_from_a_folder_that_is_not_llama_or_qwen2(tmp_path):
 
 def test_init_from_a_folder_without_tokenizer(tmp_path, tok):
     _, ckpt = saved(tmp_path / "model.pt", tok)
-    out = hf.export(ckpt, tmp_path / "hf")
+    out = loader.export(ckpt, tmp_path / "hf")
     (out / "tokenizer.json").unlink()
     with pytest.raises(LmforgeError, match=rf"model\.init_from.*{out}: no tokenizer\.json"):
         check_config({"model": {"init_from": f"hf:{out}"}})
@@ -270,7 +271,7 @@ def test_init_from_other_bad_values(tmp_path, tok):
     with pytest.raises(LmforgeError, match=r"model\.init_from.*does not match '\^hf:"):
         check_config({"model": {"init_from": str(tmp_path)}})
     _, ckpt = saved(tmp_path / "model.pt", tok)
-    out = hf.export(ckpt, tmp_path / "hf")
+    out = loader.export(ckpt, tmp_path / "hf")
     with pytest.raises(LmforgeError, match=r"model\.init_from.*tokenizer\.type: pretrained"):
         check_config({"model": {"init_from": f"hf:{out}"}, "tokenizer": {"type": "pretrained", "path": "x"}})
     llama = json.loads((out / "config.json").read_text())
@@ -283,7 +284,7 @@ def test_init_from_other_bad_values(tmp_path, tok):
 @torch.no_grad()
 def test_tokenizer_and_pretrain_with_init_from_and_zero_steps_convert_exactly(tmp_path, tok, monkeypatch, capsys):
     model, ckpt = saved(tmp_path / "model.pt", tok, attention_bias=True, tie_embeddings=False)
-    out = hf.export(ckpt, tmp_path / "hf")
+    out = loader.export(ckpt, tmp_path / "hf")
     docs = tmp_path / "docs"
     docs.mkdir()
     for i, text in enumerate(TEXTS[:40]):
@@ -312,7 +313,7 @@ def test_pretrain_rejects_a_tokenizer_not_made_from_init_from(tmp_path, tok):
     from lmforge.stages.pretrain import build_model as pretrain_model
 
     _, ckpt = saved(tmp_path / "model.pt", tok)
-    out = hf.export(ckpt, tmp_path / "hf")
+    out = loader.export(ckpt, tmp_path / "hf")
     other = LMTokenizer.train(TEXTS[::-1][:50], vocab_size=290)
     with pytest.raises(LmforgeError, match="not the one of model.init_from.*rerun the tokenizer rule"):
         pretrain_model({"init_from": f"hf:{out}", "max_seq_len": 32}, other)
@@ -321,7 +322,7 @@ def test_pretrain_rejects_a_tokenizer_not_made_from_init_from(tmp_path, tok):
 def test_a_hub_id_goes_through_snapshot_download(tmp_path, tok, monkeypatch):
     huggingface_hub = pytest.importorskip("huggingface_hub")
     _, ckpt = saved(tmp_path / "model.pt", tok)
-    out = hf.export(ckpt, tmp_path / "hf")
+    out = loader.export(ckpt, tmp_path / "hf")
     calls = []
 
     def fake_download(repo_id, allow_patterns):

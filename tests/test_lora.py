@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 
 import lmforge.model as model_lib
-from lmforge.checkpoint import load_model, read_checkpoint, save_model
+from lmforge.checkpoint import save_model
 from lmforge.cli import main as cli
 from lmforge.config import apply_schema
 from lmforge.errors import LmforgeError
-from lmforge.lora import (BaseView, LoraConfig, LoRALinear, adapter_state, adapters_disabled, apply_lora,
-                          merge_checkpoint, save_adapter)
+from lmforge.loader import load_model, merge_checkpoint, read_checkpoint, save_adapter
+from lmforge.lora import BaseView, LoraConfig, LoRALinear, adapter_state, adapters_disabled, apply_lora
 from lmforge.model import ModelConfig, RewardModel, Transformer
 from lmforge.stages import dpo as dpo_stage
 from lmforge.stages import grpo as grpo_stage
@@ -195,7 +195,8 @@ def test_merge_gives_a_full_checkpoint_with_the_adapted_logits(adapted, tmp_path
 def test_export_of_an_adapter_checkpoint_writes_the_merged_weights(adapted, tmp_path):
     from safetensors.torch import load_file
 
-    from lmforge.hf import WEIGHTS, export, hf_name
+    from lmforge.hf import WEIGHTS, hf_name
+    from lmforge.loader import export
 
     _, adapter_path, _ = adapted
     merge_checkpoint(adapter_path, tmp_path / "merged.pt")

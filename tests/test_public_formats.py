@@ -445,7 +445,7 @@ def test_data_spec_errors_name_the_key(value, fragment):
 
 def test_data_file_and_fingerprint(tmp_path):
     path = write_jsonl(tmp_path / "x.jsonl", ALPACA)
-    from lmforge.checkpoint import file_sha256
+    from lmforge.files import file_sha256
 
     assert data_file(str(path)) == str(path) and data_file("tatsu-lab/alpaca") is None and data_file(None) is None
     assert data_fingerprint(str(path)) == file_sha256(path)  # a plain path: the same id as before specs existed

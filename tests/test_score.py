@@ -73,7 +73,7 @@ def write_prompts(path, records) -> str:
 
 def regenerate(policy_path, records, p):
     """The stage's samples, drawn again here: same prompts, order, batches and seed."""
-    from lmforge.checkpoint import load_model
+    from lmforge.loader import load_model
 
     model, tok, _ = load_model(policy_path)
     s = p["score"]

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmforge.checkpoint import read_checkpoint
 from lmforge.config import apply_schema
 from lmforge.errors import LmforgeError
+from lmforge.loader import read_checkpoint
 from test_workflow import executed, write_config
 
 REPO = Path(__file__).resolve().parents[1]

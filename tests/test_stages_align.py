@@ -4,7 +4,7 @@ import json
 import pandas as pd
 import pytest
 
-from lmforge.checkpoint import read_checkpoint
+from lmforge.loader import read_checkpoint
 from test_workflow import executed, snakemake, write_config
 
 pytestmark = pytest.mark.slow

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lmforge.checkpoint import load_model
+from lmforge.loader import load_model
 from test_workflow import TINY, executed, snakemake, write_config
 
 pytestmark = pytest.mark.slow

@@ -4,9 +4,10 @@ import json
 import pytest
 import torch
 
-from lmforge.checkpoint import load_model, save_model
+from lmforge.checkpoint import save_model
 from lmforge.config import apply_schema
 from lmforge.errors import LmforgeError
+from lmforge.loader import load_model
 from lmforge.model import ModelConfig, Transformer
 from lmforge.stages import star as star_stage
 from lmforge.tokenizer import LMTokenizer

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.checkpoint import file_sha256
+from lmforge.files import file_sha256
 from lmforge.tracking import StageRun, artifact_location, flatten, read_run_id, tracking_uri
 
 REPO = Path(__file__).resolve().parents[1]

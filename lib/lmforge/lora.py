@@ -12,9 +12,10 @@ NF4 (``lmforge.quant``): QLoRA; the adapters stay float32.
   reference of a LoRA policy, without a second copy of the weights.
 - ``adapter_state(model)`` is what a LoRA stage saves: the adapter tensors and
   any module the base did not have (a fresh reward or value head), nothing else.
-  ``lmforge.checkpoint`` writes it as a ``kind: lora`` checkpoint that names its
-  base by path and sha256, and ``load_model`` on such a file rebuilds base +
+  ``lmforge.loader`` writes it as a ``kind: lora`` checkpoint that names its
+  base by path and sha256, and its ``load_model`` on such a file rebuilds base +
   adapters (``build_adapted``), so every consumer of a model file takes either.
+  This module is the nn code alone: it reads and writes no files.
 - ``merge_lora(model)`` folds the adapters into plain ``nn.Linear`` weights
   (dequantizing a QLoRA base): the ``lmforge merge`` command.
 
@@ -31,70 +32,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.checkpoint import atomic_torch_save, file_sha256
 from lmforge.errors import LmforgeError
 from lmforge.quant import NF4Linear, dequantize_model, is_quantized, quantize_model
-
-TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-QUANTIZE = (None, "nf4")
-
-
-@dataclass
-class LoraConfig:
-    """A stage's ``lora:`` section (see config.schema.yaml)."""
-
-    r: int = 8
-    """Rank of the update B A."""
-    alpha: float = 16.0
-    """The update is scaled by alpha / r, so changing r leaves the initial step size alone."""
-    dropout: float = 0.0
-    """Dropout on the adapter's input (the base path sees the input undropped)."""
-    target_modules: list[str] = field(default_factory=lambda: list(TARGET_MODULES))
-    quantize: str | None = None
-    """null: float32 base (LoRA); nf4: 4-bit NormalFloat base (QLoRA)."""
-    double_quant: bool = False
-    """nf4 only: store the per-block scales in 8 bits too."""
-
-    @classmethod
-    def from_dict(cls, d: dict, key: str = "lora") -> "LoraConfig":
-        """Build and check a config; every message names ``key``.<field>."""
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise LmforgeError(f"unknown key(s) {', '.join(repr(u) for u in unknown)} in '{key}' "
-                               f"(allowed: {', '.join(sorted(known))})")
-        cfg = cls(**d)
-        if isinstance(cfg.r, bool) or not isinstance(cfg.r, int) or cfg.r <= 0:
-            raise LmforgeError(f"config key '{key}.r' ({cfg.r!r}) must be a positive integer (the adapter rank)")
-        if isinstance(cfg.alpha, bool) or not isinstance(cfg.alpha, (int, float)) or cfg.alpha <= 0:
-            raise LmforgeError(f"config key '{key}.alpha' ({cfg.alpha!r}) must be a positive number")
-        if not (isinstance(cfg.dropout, (int, float)) and 0 <= cfg.dropout < 1):
-            raise LmforgeError(f"config key '{key}.dropout' ({cfg.dropout!r}) must be a number in [0, 1)")
-        targets = cfg.target_modules
-        if (not isinstance(targets, (list, tuple)) or not targets
-                or not all(isinstance(t, str) and t for t in targets)):
-            raise LmforgeError(f"config key '{key}.target_modules' ({targets!r}) must be a non-empty list of "
-                               f"module names (from: {', '.join(TARGET_MODULES)})")
-        cfg.target_modules = list(targets)
-        if cfg.quantize not in QUANTIZE:
-            raise LmforgeError(f"config key '{key}.quantize' ({cfg.quantize!r}) must be null or 'nf4'")
-        if not isinstance(cfg.double_quant, bool):
-            raise LmforgeError(f"config key '{key}.double_quant' ({cfg.double_quant!r}) must be true or false")
-        if cfg.double_quant and cfg.quantize is None:
-            raise LmforgeError(f"config key '{key}.double_quant' is true but '{key}.quantize' is null: "
-                               f"double quantization applies to a quantized base (quantize: nf4)")
-        return cfg
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from lmforge.sections import LoraConfig  # the lora: section, checked torch-free at config time
 
 
 # --------------------------------------------------------------------------- the adapter layer
@@ -290,7 +236,7 @@ class BaseView:
         return self
 
 
-# --------------------------------------------------------------------------- saving and loading
+# --------------------------------------------------------------------------- adapter tensors
 
 
 def adapted_prefix(model: nn.Module) -> str:
@@ -321,113 +267,3 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], *, sour
         raise LmforgeError(f"{source}: the adapters do not fit the base model ({detail}); "
                            f"was it trained on another base?")
     model.load_state_dict(state, strict=False)
-
-
-# --------------------------------------------------------------------------- adapter checkpoints
-#
-# On disk (``results/<stage>/model.pt`` of a LoRA stage)::
-#
-#     {"format": "lmforge", "kind": "lora", "model_kind": "causal_lm" | "reward_model",
-#      "base": "<base checkpoint, relative to this file's folder>", "base_sha256": "...",
-#      "lora": {r, alpha, dropout, target_modules, quantize, double_quant},
-#      "model_config": {... the base's}, "tokenizer_sha256": "...", "meta": {...},
-#      "state_dict": {adapter tensors (+ a fresh head)}}
-#
-# ``read_checkpoint`` turns that into the checkpoint of the adapted model: the
-# base's kind-independent fields (model_config, tokenizer), ``kind`` = model_kind,
-# and two more keys, ``adapter`` (where base and adapters are) and
-# ``base_checkpoint`` (the base, already read), which ``build_model`` uses.
-
-
-def save_adapter(path: str | Path, model: nn.Module, *, base: str | Path, kind: str, model_config: dict,
-                 tokenizer, meta: dict) -> None:
-    """Write ``model``'s adapters as a ``kind: lora`` checkpoint whose base is the checkpoint file ``base``."""
-    if base is None:
-        raise ValueError("save_adapter: a LoRA model is saved relative to its base checkpoint; pass base=")
-    path, base = Path(path), Path(base)
-    cfg = lora_config_of(model)
-    payload = {"format": "lmforge", "kind": "lora", "model_kind": kind,
-               "base": Path(os.path.relpath(base.resolve(), path.resolve().parent)).as_posix(),
-               "base_sha256": file_sha256(base), "lora": cfg.to_dict(), "model_config": dict(model_config),
-               "tokenizer_sha256": tokenizer.sha256, "meta": dict(meta), "state_dict": adapter_state(model)}
-    atomic_torch_save(payload, path)
-
-
-def resolve_adapter(raw: dict, path: str | Path, base: str | Path | None = None) -> dict:
-    """The checkpoint dict of the adapted model from an adapter file's dict ``raw``.
-
-    ``base`` overrides the recorded base path. The base must be the very file the
-    adapters were trained on: its architecture and its sha256 are checked, and a
-    mismatch is an error naming both files.
-    """
-    from lmforge.checkpoint import read_checkpoint
-
-    path = Path(path)
-    if base is None:
-        base = Path(os.path.normpath(path.parent / raw["base"]))
-        if not base.exists():
-            raise LmforgeError(f"{path}: its base checkpoint {base} is not there (the adapters need it; "
-                               f"`lmforge merge {path} OUT --base BASE` names another place)")
-    base = Path(base)
-    base_ckpt = read_checkpoint(base)
-    if base_ckpt["kind"] != "causal_lm" or base_ckpt["model_config"] != raw["model_config"]:
-        theirs, ours = base_ckpt["model_config"], raw["model_config"]
-        diff = ", ".join(f"{k}: {ours.get(k)!r} vs {theirs.get(k)!r}" for k in sorted(set(ours) | set(theirs))
-                         if ours.get(k) != theirs.get(k))
-        raise LmforgeError(f"the adapters {path} do not fit the base {base}: "
-                           f"{diff or 'the base is a ' + base_ckpt['kind'] + ' checkpoint'}")
-    sha = file_sha256(base)
-    if sha != raw["base_sha256"]:
-        raise LmforgeError(f"the adapters {path} were trained on a base with sha256 {raw['base_sha256'][:12]}, "
-                           f"but {base} has sha256 {sha[:12]}: not the same base checkpoint")
-    return {"format": "lmforge", "kind": raw["model_kind"], "model_config": base_ckpt["model_config"],
-            "tokenizer": base_ckpt["tokenizer"], "tokenizer_sha256": base_ckpt["tokenizer_sha256"],
-            "meta": raw["meta"], "state_dict": raw["state_dict"],
-            "adapter": {"path": str(path), "base": str(base), "base_sha256": sha, "lora": raw["lora"]},
-            "base_checkpoint": base_ckpt}
-
-
-def build_adapted(ckpt: dict, path: str | Path, *, device="cpu"):
-    """(model, tokenizer) of a resolved adapter checkpoint: the base rebuilt (and quantized as in
-    training), the adapters applied, the adapter tensors loaded."""
-    from lmforge.checkpoint import build_model
-    from lmforge.model import RewardModel
-
-    info = ckpt["adapter"]
-    trunk, tok = build_model(ckpt["base_checkpoint"], info["base"], device=device)
-    key = f"{path}: lora"
-    apply_lora(trunk, LoraConfig.from_dict(info["lora"], key=key), key=key)
-    model = RewardModel(trunk).to(device) if ckpt["kind"] == "reward_model" else trunk
-    load_adapter_state(model, ckpt["state_dict"], source=path)
-    return model, tok
-
-
-def read_adapter(path: str | Path) -> dict:
-    """The raw dict of an adapter checkpoint file (its base not yet read)."""
-    path = Path(path)
-    if not path.exists():
-        raise LmforgeError(f"checkpoint not found: {path}")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise LmforgeError(f"{path}: not a readable checkpoint ({e.__class__.__name__}: {e})") from None
-    if not isinstance(raw, dict) or raw.get("format") != "lmforge" or raw.get("kind") != "lora":
-        raise LmforgeError(f"{path}: not a LoRA adapter checkpoint (kind: lora); nothing to merge")
-    return raw
-
-
-def merge_checkpoint(adapter: str | Path, out: str | Path, *, base: str | Path | None = None) -> dict:
-    """Fold an adapter checkpoint into its base: write a full checkpoint of the adapted model to ``out``.
-
-    ``base`` overrides the base path the adapters record (it must be the same file: same sha256).
-    A QLoRA base is dequantized: the result is float32. Returns the written checkpoint's meta.
-    """
-    from lmforge.checkpoint import save_model
-
-    ckpt = resolve_adapter(read_adapter(adapter), adapter, base)
-    model, tok = build_adapted(ckpt, adapter)
-    merge_lora(model)
-    meta = {**ckpt["meta"], "merged_from": str(adapter), "base": ckpt["adapter"]["base"],
-            "base_sha256": ckpt["adapter"]["base_sha256"], "lora": ckpt["adapter"]["lora"]}
-    save_model(out, model, kind=ckpt["kind"], model_config=ckpt["model_config"], tokenizer=tok, meta=meta)
-    return meta

@@ -13,8 +13,8 @@ from typing import Sequence
 
 import pandas as pd
 
-from lmforge.checkpoint import atomic_write, atomic_write_text
 from lmforge.errors import LmforgeError
+from lmforge.files import atomic_write, atomic_write_text
 
 # Table columns, in order, and what each means (the report's legend).
 COLUMNS = {

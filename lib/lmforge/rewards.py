@@ -19,7 +19,9 @@ from typing import Sequence
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.loader import build_model, read_checkpoint
 from lmforge.tasks import answer_credit, is_correct
+from lmforge.train.policy import completion_batch
 
 
 def unanswered(records: Sequence[dict]) -> tuple[int, str] | None:
@@ -132,8 +134,6 @@ class RewardFunction:
     @torch.no_grad()
     def score_rm(self, records: Sequence[dict], response_ids: Sequence[Sequence[int]]) -> torch.Tensor:
         """Reward-model scores of prompt + response ids, (N,). Over-long rows are cut to max_seq_len, as in training."""
-        from lmforge.train.policy import completion_batch
-
         limit = self.reward_model.trunk.cfg.max_seq_len
         scores = []
         for start in range(0, len(records), self.batch_size):
@@ -167,8 +167,6 @@ def _prompt_text(prompt) -> str:
 
 
 def _load_reward_model(path: str | Path, tokenizer, device: torch.device):
-    from lmforge.checkpoint import build_model, read_checkpoint
-
     ckpt = read_checkpoint(path)  # read once: checked, then built
     check_same_tokenizer(path, ckpt, tokenizer, "the reward model")
     model, _ = build_model(ckpt, path, kind="reward_model", device=device)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from lmforge.errors import LmforgeError
+from lmforge.files import atomic_write_json, atomic_write_text
 
 PAD, BOS, EOS, END = "<|pad|>", "<|bos|>", "<|eos|>", "<|end|>"
 ROLES = ("system", "user", "assistant")
@@ -103,8 +104,6 @@ class LMTokenizer:
 
     def save(self, folder: str | Path) -> None:
         """tokenizer.json + a tokenizer_config.json that ``transformers`` reads (chat template included)."""
-        from lmforge.checkpoint import atomic_write_json, atomic_write_text
-
         atomic_write_text(Path(folder) / "tokenizer.json", self.to_str())
         atomic_write_json(Path(folder) / "tokenizer_config.json", self.hf_config())
 

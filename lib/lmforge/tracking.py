@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
-from lmforge.checkpoint import file_sha256
+from lmforge.files import file_sha256
 
 MAX_PARAM_LEN = 6000
 # MLflow's HTTP client retries a dead server for minutes by default (7 retries, backoff 2);

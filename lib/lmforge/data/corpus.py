@@ -7,8 +7,8 @@ from typing import Sequence
 
 import numpy as np
 
-from lmforge.checkpoint import atomic_write_json
 from lmforge.errors import LmforgeError
+from lmforge.files import atomic_write_json
 
 
 def is_val_document(text: str, val_fraction: float) -> bool:

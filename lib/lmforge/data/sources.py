@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 from lmforge.data.records import RECORD_SUFFIXES, iter_jsonl, location, read_records, record_error
 from lmforge.errors import LmforgeError
+from lmforge.files import file_sha256
 
 if TYPE_CHECKING:  # datasets takes ~1 s to import; only the loading functions need it
     from datasets import IterableDataset
@@ -598,8 +599,6 @@ def data_fingerprint(value: Any, key: str = "data") -> str | dict:
     options = {k: getattr(spec, k) for k in DATA_SPEC_KEYS if k != "source" and getattr(spec, k) != _DEFAULTS[k]}
     if not spec.is_file:
         return {"source": spec.source, **options}
-    from lmforge.checkpoint import file_sha256
-
     digest = file_sha256(spec.source)
     return {"sha256": digest, **options} if options else digest
 

@@ -24,12 +24,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from lmforge.checkpoint import atomic_write, atomic_write_json, atomic_write_text, load_model
 from lmforge.data.builtin import make_task_data
 from lmforge.data.formats import load_prompts
 from lmforge.device import autocast
 from lmforge.errors import LmforgeError
+from lmforge.files import atomic_write, atomic_write_json, atomic_write_text
 from lmforge.generate import GenerationOutput, generate
+from lmforge.loader import load_model
 from lmforge.rewards import RewardFunction, Rewards, RewardSpec
 from lmforge.stages.common import setup
 from lmforge.tasks import is_correct, is_dismissive, is_repetitive

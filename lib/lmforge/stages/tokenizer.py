@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmforge.checkpoint import atomic_write_json
 from lmforge.data.corpus import split_documents
 from lmforge.data.sources import describe, load_corpus
+from lmforge.files import atomic_write_json
+from lmforge.hf import import_tokenizer
 from lmforge.tokenizer import LMTokenizer, bytes_per_token
 
 
@@ -16,8 +17,6 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
     train, val = split_documents(docs, data["val_fraction"])
     with env.tracker(params, inputs) as run:
         if params.get("init_from"):  # model.init_from: the imported model's own tokenizer, converted
-            from lmforge.hf import import_tokenizer
-
             tok = import_tokenizer(params["init_from"])
         elif cfg["type"] == "bpe":
             fit_on = train[: cfg["max_train_docs"]] if cfg["max_train_docs"] else train

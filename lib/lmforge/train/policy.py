@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.errors import LmforgeError
+from lmforge.loader import build_model, read_checkpoint
+from lmforge.lora import BaseView, has_adapters
 
 
 @dataclass
@@ -87,9 +89,6 @@ def load_reference(path, policy_path, policy_ckpt: dict, *, device, key: str, po
     the policy's own file and ``policy`` (the loaded policy) carries LoRA adapters, the
     reference is that policy with its adapters off (``lora.BaseView``): no second copy.
     """
-    from lmforge.checkpoint import build_model, read_checkpoint
-    from lmforge.lora import BaseView, has_adapters
-
     if policy is not None and str(path) == str(policy_path) and has_adapters(policy):
         return BaseView(policy)
 
