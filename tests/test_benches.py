@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.integration  # each bench runs as a script in its own process
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 

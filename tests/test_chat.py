@@ -114,7 +114,7 @@ class Terminal:
         return chunk
 
 
-@pytest.mark.slow
+@pytest.mark.integration  # the CLI in a pseudo-terminal, a child process
 def test_chat_streams_a_reply_and_exits_cleanly_on_ctrl_d(checkpoint):
     term = Terminal("chat", str(checkpoint), "--temperature", "0", "--max-new-tokens", "12")
     prompt_end = term.read_until("you> ")
@@ -128,7 +128,6 @@ def test_chat_streams_a_reply_and_exits_cleanly_on_ctrl_d(checkpoint):
     assert b"Traceback" not in term.out and b"Error" not in term.out
 
 
-@pytest.mark.slow
 def wait_until_blocked(pid: int, settle: float = 0.5) -> None:
     """Return once the process has been asleep (state S in /proc/PID/stat) for ``settle`` seconds."""
     deadline, since = time.monotonic() + TIMEOUT, None
@@ -143,6 +142,7 @@ def wait_until_blocked(pid: int, settle: float = 0.5) -> None:
     pytest.fail("the chat never blocked waiting for input")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("sigint_ignored", [False, True])
 def test_chat_exits_cleanly_on_ctrl_c(checkpoint, sigint_ignored):
     term = Terminal("chat", str(checkpoint), "--temperature", "0", sigint_ignored=sigint_ignored)

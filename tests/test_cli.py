@@ -28,7 +28,7 @@ def test_generate_prints_completion(tmp_path, tok, capsys):
     assert rc == 0 and out.startswith("> What is 2?\n")
 
 
-@pytest.mark.slow  # one compile of the decoding step
+@pytest.mark.integration  # torch.compile: inductor builds C++ with the system compiler
 def test_generate_compiled_prints_the_same_completion(tmp_path, tok, capsys, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     torch.manual_seed(0)

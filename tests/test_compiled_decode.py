@@ -130,7 +130,7 @@ def graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-@pytest.mark.slow
+@pytest.mark.integration  # torch.compile: inductor builds C++ with the system compiler
 def test_compiled_greedy_gives_the_eager_tokens_and_reuses_its_graphs(inductor_cache):
     model = make_model()
     eager = generate(model, EQUAL, max_new_tokens=12, temperature=0)
@@ -149,7 +149,7 @@ def test_compiled_greedy_gives_the_eager_tokens_and_reuses_its_graphs(inductor_c
     assert graphs() == before + 2
 
 
-@pytest.mark.slow
+@pytest.mark.integration  # torch.compile: inductor builds C++ with the system compiler
 def test_compiled_padded_batch_with_a_stop_token(inductor_cache):
     model = make_model(**ARCHS["alibi-window"])
     free = [ref_greedy(model, p, 10) for p in PADDED]

@@ -2,7 +2,7 @@
 
 The 2-process runs start real process groups (torch.multiprocessing spawn, or
 torchrun through ``distributed.launch``); each costs a few seconds of imports,
-so they are marked slow. Tolerance: every logged step loss of the 2-process run
+so they are marked integration. Tolerance: every logged step loss of the 2-process run
 within 1e-4 relative of the 1-process run with the same global batch (the sums
 are only reordered: observed differences are ~1e-7).
 """
@@ -269,14 +269,14 @@ def ddp(work):
     return run_two(work, "ddp", ["lm", "sft", "dpo", "resume", "indivisible"])
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize("name", ["lm", "sft", "dpo"])
 def test_two_ddp_processes_give_the_one_process_loss_curve(ddp, work, name):
     # lm: grad accumulation 2; sft: ranks hold different numbers of trained tokens; dpo: chosen/rejected rows.
     assert_same_curve(ddp[name], one(work, name, "ddp"))
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_ddp_resume_at_the_same_world_size_is_exact(ddp):
     r = ddp["resume"]
     assert len(r["resumed"]) == 3  # steps 4..6 after resuming at step 3
@@ -284,7 +284,7 @@ def test_ddp_resume_at_the_same_world_size_is_exact(ddp):
     assert r["param_diff"] < 1e-6
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_ddp_checkpoint_records_its_world_and_is_refused_by_one_process(ddp, work):
     state = torch.load(work / "ckpt-ddp-lm" / "last.pt", weights_only=False)
     assert state["world_size"] == 2 and state["strategy"] == "ddp" and len(state["rng_ranks"]) == 2
@@ -293,13 +293,13 @@ def test_ddp_checkpoint_records_its_world_and_is_refused_by_one_process(ddp, wor
         lm_scenario(work, work / "ckpt-ddp-lm")
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_ddp_batch_not_divisible_by_world_size(ddp):
     assert ddp["indivisible"].startswith("config key 'pretrain.batch_size' (3) is not divisible by the number of "
                                          "processes (2, distributed.nproc)")
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_two_fsdp_processes_give_the_one_process_loss_curve(work):
     two = run_two(work, "fsdp", ["lm", "sft"])
     for name in ("lm", "sft"):
@@ -330,7 +330,7 @@ def _pretrain_inputs(tmp_path: Path, monkeypatch) -> dict:
             "val": str(data / "val.bin"), "meta": str(data / "meta.json")}
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_pretrain_stage_under_torchrun_matches_one_process(tmp_path, monkeypatch):
     from lmforge.workflow import StageEnv
 
@@ -358,7 +358,7 @@ def test_pretrain_stage_under_torchrun_matches_one_process(tmp_path, monkeypatch
     assert [r.info.run_id for r in runs] == [two["mlflow_run_id"]]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_a_workers_error_comes_back_as_one_message(tmp_path):
     from lmforge.workflow import StageEnv
 

@@ -186,7 +186,7 @@ print(peak_rss() - base)
 """
 
 
-@pytest.mark.slow
+@pytest.mark.integration  # measured in a fresh process
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_training_memory_matches_measured_peak_rss(checkpointing):
     """Estimate vs the peak RSS increase of 2 AdamW steps (fp32, CPU, batch 8 x 128) in a fresh process.

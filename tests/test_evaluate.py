@@ -313,7 +313,6 @@ def test_tokenizer_mismatch_names_both_files(pipeline, tok, tmp_path):
         run_stage({**pipeline, "model_dpo": str(tmp_path / "missing.pt")}, tmp_path / "out")
 
 
-@pytest.mark.slow
 def test_mlflow_gets_per_stage_metrics_and_the_report(pipeline, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 

@@ -24,8 +24,6 @@ CASES = {  # name -> (model overrides, the transformers class it must load as)
     "qwen2-bias-window": (dict(attention_bias=True, sliding_window=8), "Qwen2ForCausalLM"),
     "mistral-window": (dict(sliding_window=8), "MistralForCausalLM"),
 }
-# Importing transformers alone takes ~5 s here: the tests that load it count as slow.
-needs_transformers = pytest.mark.slow
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Is 4 even?"},
         {"role": "assistant", "content": "The number 4 is even."}]
 
@@ -50,7 +48,6 @@ def token_ids(n_vocab, seed=0):
 # ----------------------------------------------------------------------------- export
 
 
-@needs_transformers
 @pytest.mark.parametrize("case", CASES)
 @torch.no_grad()
 def test_export_loads_in_transformers_with_the_same_logits(case, tmp_path, tok):
@@ -68,7 +65,6 @@ def test_export_loads_in_transformers_with_the_same_logits(case, tmp_path, tok):
         assert (theirs(input_ids=ids).logits - unwindowed(ids)).abs().max().item() > 1e-3
 
 
-@needs_transformers
 def test_exported_files_tokenizer_chat_template_and_generation_config(tmp_path, tok):
     transformers = pytest.importorskip("transformers")
     _, ckpt = saved(tmp_path / "model.pt", tok)
@@ -120,7 +116,6 @@ def test_export_refuses_what_llama_and_qwen2_cannot_compute(option, value, messa
     assert not (tmp_path / "hf").exists()
 
 
-@needs_transformers
 def test_yarn_is_refused_because_transformers_computes_other_frequencies():
     transformers = pytest.importorskip("transformers")
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -198,7 +193,6 @@ def foreign_tokenizer(folder, specials, **config):
     return t
 
 
-@needs_transformers
 @torch.no_grad()
 def test_a_transformers_qwen2_with_a_chatml_tokenizer_imports(tmp_path):
     transformers = pytest.importorskip("transformers")
@@ -280,7 +274,7 @@ def test_init_from_other_bad_values(tmp_path, tok):
         read_checkpoint(out)
 
 
-@pytest.mark.slow  # three stages through the CLI (imports datasets): a small workflow run
+@pytest.mark.integration  # three stages through the CLI: a small pipeline run
 @torch.no_grad()
 def test_tokenizer_and_pretrain_with_init_from_and_zero_steps_convert_exactly(tmp_path, tok, monkeypatch, capsys):
     model, ckpt = saved(tmp_path / "model.pt", tok, attention_bias=True, tie_embeddings=False)

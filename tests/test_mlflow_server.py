@@ -15,7 +15,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests/data/tiny.yaml"
 LMFORGE = [sys.executable, "-m", "lmforge.cli"]
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 
 def free_port() -> int:

@@ -359,6 +359,7 @@ def test_bad_schedule_arguments(kwargs, message):
         lr_factor(0, **kwargs)
 
 
+@pytest.mark.integration  # a fresh interpreter
 def test_stages_start_without_importing_pytorch_optimizer():
     # It pulls in transformers and torch.distributed.tensor (~1.3 s per rule); only Lion, Sophia and Muon need it.
     import subprocess

@@ -233,7 +233,6 @@ def test_no_reward_weight_is_an_error(models, tmp_path):
                   {"policy": str(d / "policy.pt")}, outputs(tmp_path), env())
 
 
-@pytest.mark.slow
 def test_mlflow_run_mirrors_the_summary(models, tmp_path):
     from mlflow.tracking import MlflowClient
 

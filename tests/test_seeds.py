@@ -49,7 +49,7 @@ def test_no_seeds_or_a_broken_table_is_a_clear_error(tmp_path):
         seed_summary({1: bad})
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_the_pipeline_runs_once_per_seed_and_is_summarized(tmp_path):
     write_config(tmp_path, seeds=[3, 4], **{"eval.stages": ["pretrain", "sft"]})
     proc = snakemake(tmp_path, "--cores", "2", target="results/seeds/summary.md")

@@ -79,7 +79,7 @@ def seconds(a: str, b: str) -> float:
 
 # ---- without a cluster ------------------------------------------------------------------------------
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_rule_resources_come_from_the_config_section(tmp_path):
     write_config(tmp_path, resources={"default": {"mem_mb": 1234, "slurm_account": "lab"},
                                       "pretrain": {"gpu": 1, "gpu_model": "a100", "runtime": "2h",
@@ -106,7 +106,7 @@ def test_a_misspelt_rule_in_resources_is_an_error():
         apply_schema({"resources": {"pretrain": {"gpu_model": "'a100'"}}})
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_the_slurm_profile_without_sbatch_says_so(tmp_path):
     # A machine without SLURM: every PATH entry, minus SLURM's client commands.
     bin_dir = tmp_path / "bin"
@@ -163,7 +163,7 @@ def slurm(cluster, tmp_path_factory):
     return workdir, check(run(workdir, *SLURM_ARGS, target="results/pretrain/model.pt"))
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_each_rule_is_a_slurm_job(slurm, local):
     workdir, proc = slurm
     jobs = submitted(proc.out)
@@ -196,7 +196,7 @@ def test_each_rule_is_a_slurm_job(slurm, local):
         assert seconds(j["submit"], j["start"]) <= 30
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_slurm_results_equal_the_local_ones(slurm, local):
     (a, _), (b, _) = local, slurm
     # Tokenizer and token streams are exact; the weights agree to float32 rounding (CPU matmul kernels
@@ -213,7 +213,7 @@ def test_slurm_results_equal_the_local_ones(slurm, local):
     assert mb["val_loss"] == pytest.approx(ma["val_loss"], rel=1e-5)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_changing_resources_reruns_nothing(slurm):
     workdir, _ = slurm
     # Compared with a dry run just before the change, so that a library edit since the run shows in both.
@@ -224,7 +224,7 @@ def test_changing_resources_reruns_nothing(slurm):
     assert executed(after) == executed(before), after.out  # both empty unless the library changed
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_a_cancelled_job_fails_the_run_and_the_rerun_resumes(slurm, tmp_path):
     # The tokenizer and token files of the SLURM run, with their Snakemake metadata: up to date here.
     built, _ = slurm

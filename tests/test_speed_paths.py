@@ -256,7 +256,7 @@ def test_decoding_with_fused_projections_equals_the_module_path(wrapped, monkeyp
     assert single.tokens == out.tokens[:1]
 
 
-@pytest.mark.slow
+@pytest.mark.integration  # torch.compile: inductor builds C++ with the system compiler
 def test_compiled_trunk_gives_the_eager_loss_and_gradients_and_leaves_decoding_eager(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     eager = tiny_model()

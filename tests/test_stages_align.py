@@ -7,7 +7,7 @@ import pytest
 from lmforge.loader import read_checkpoint
 from test_workflow import executed, snakemake, write_config
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 ALL = {"tokenizer", "tokenize", "pretrain", "sft", "reward", "score", "dpo", "ppo", "grpo", "star", "evaluate", "all"}
 
 

@@ -8,7 +8,7 @@ import torch
 from lmforge.loader import load_model
 from test_workflow import TINY, executed, snakemake, write_config
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 TARGET = "results/reward/model.pt"
 
 

@@ -14,7 +14,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 TINY = yaml.safe_load((REPO / "tests" / "data" / "tiny.yaml").read_text())
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 
 def write_config(workdir: Path, **overrides) -> Path:
