@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CORES  ?= 2
 
-.PHONY: setup demo test test-fast clean lint
+.PHONY: setup demo test test-unit test-fast docs clean lint
 
 setup: $(STAMP)
 
@@ -25,11 +25,20 @@ demo: setup
 	$(BIN)/snakemake --cores $(CORES) results/dpo/model.pt
 	$(BIN)/snakemake --cores $(CORES) results/eval/report.md --config 'eval={"stages": ["pretrain", "sft", "dpo"]}'
 
+# The whole suite (what CI runs); the 20 slowest tests are listed at the end.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
 
-test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+# The library in one process: no Snakemake, SLURM, MLflow server, torchrun, subprocess or
+# torch.compile (those carry the `integration` marker, see pyproject.toml).
+test-unit: setup
+	$(BIN)/python -m pytest -q -m "not integration"
+
+test-fast: test-unit
+
+# The config reference, generated from the schema (tests/test_docs.py checks it is current).
+docs: setup
+	$(BIN)/python -m lmforge.config_doc > docs/config.md.tmp && mv docs/config.md.tmp docs/config.md
 
 lint: setup
 	$(BIN)/snakemake --lint
