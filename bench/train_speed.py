@@ -18,7 +18,7 @@ products, which differ by 2x on CPUs whose AVX-512 MKL does not use (AMD's).
 --compile adds "lmforge, compiled" (``Transformer.torch_compile``: the trunk through
 torch.compile; its first step, which includes compiling, is reported).
 --chunk-elements N adds "lmforge, chunk N": the fused loss with N logits per chunk instead of
-``lmforge.train.lm.CHUNK_ELEMENTS`` (sized for CPU caches; fewer, bigger chunks launch fewer kernels on a GPU).
+``lmforge.kernels.CHUNK_ELEMENTS`` (sized for CPU caches; fewer, bigger chunks launch fewer kernels on a GPU).
 --device cuda runs both on the GPU under bf16 autocast (what the training loop uses there), with
 the GPU synchronised around each timed step, and MFU against a bf16 matmul peak measured there.
 """
@@ -34,9 +34,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+from lmforge import kernels
 from lmforge.device import autocast
 from lmforge.model import ModelConfig, Transformer
-from lmforge.train import lm
 from lmforge.train.lm import lm_loss
 from lmforge.train.optim import build_optimizer
 
@@ -112,11 +112,11 @@ def step_fn(model, loss_of, optimizer, device: torch.device, batch: int):
 def chunked_loss(elements: int):
     """lm_loss with the fused loss's chunk set to ``elements`` logits for this call only."""
     def loss_of(m, x, y):
-        default, lm.CHUNK_ELEMENTS = lm.CHUNK_ELEMENTS, elements
+        default, kernels.CHUNK_ELEMENTS = kernels.CHUNK_ELEMENTS, elements
         try:
             return lm_loss(m, (x, y))[0]
         finally:
-            lm.CHUNK_ELEMENTS = default
+            kernels.CHUNK_ELEMENTS = default
     return loss_of
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 import lmforge.generate as gen
-import lmforge.model as model_module
+import lmforge.kernels as kernels
 from lmforge.generate import generate, stream
 from lmforge.lora import LoraConfig, apply_lora
 from lmforge.model import ModelConfig, Transformer
@@ -58,9 +58,9 @@ def test_decoding_products_equal_f_linear():
     g = torch.Generator().manual_seed(0)
     x, w, b = torch.randn(3, 2, 32, generator=g), torch.randn(48, 32, generator=g), torch.randn(48, generator=g)
     for rows in (x, x[:1, :1]):  # a few rows (oneDNN on CPU), one row (torch.mv)
-        torch.testing.assert_close(model_module.linear_no_grad(rows, w, b), F.linear(rows, w, b))
-        torch.testing.assert_close(model_module.linear_no_grad(rows, w), F.linear(rows, w))
-    if model_module._ONEDNN:  # the op compiled graphs call
+        torch.testing.assert_close(kernels.linear_no_grad(rows, w, b), F.linear(rows, w, b))
+        torch.testing.assert_close(kernels.linear_no_grad(rows, w), F.linear(rows, w))
+    if kernels._ONEDNN:  # the op compiled graphs call
         torch.testing.assert_close(torch.ops.lmforge.onednn_linear(x, w, b), F.linear(x, w, b))
         torch.library.opcheck(torch.ops.lmforge.onednn_linear.default, (x, w, None))
 

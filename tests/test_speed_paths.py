@@ -5,11 +5,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge import model as model_module
+from lmforge import kernels
 from lmforge.generate import generate
 from lmforge.model import KVCache, ModelConfig, Transformer
 from lmforge.stages.common import training_options
-from lmforge.train.lm import linear_cross_entropy, lm_loss, next_token_loss
+from lmforge.kernels import linear_cross_entropy
+from lmforge.train.lm import lm_loss, next_token_loss
 
 N, D, V = 45, 16, 37
 
@@ -108,7 +109,7 @@ def test_lm_loss_fused_path_equals_logits_path():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-needs_onednn = pytest.mark.skipif(not model_module._ONEDNN, reason="this torch has no oneDNN")
+needs_onednn = pytest.mark.skipif(not kernels._ONEDNN, reason="this torch has no oneDNN")
 
 
 @needs_onednn
@@ -119,7 +120,7 @@ def test_training_projection_through_onednn_gives_f_linear_values_and_gradients(
     x = torch.randn(2, 5, 24, generator=g, requires_grad=True)
     up = torch.randn(2, 5, 40, generator=g)
     with torch.profiler.profile() as prof:
-        y = model_module.project(layer, x)
+        y = kernels.project(layer, x)
     assert any(e.name == "lmforge::onednn_linear" for e in prof.events())  # the oneDNN path ran
     params = [x, *layer.parameters()]
     grads = torch.autograd.grad((y * up).sum(), params)
@@ -145,7 +146,7 @@ def test_training_projection_has_a_second_derivative():
         (gw,) = torch.autograd.grad(y.pow(3).sum(), layer.weight, create_graph=True)
         return torch.autograd.grad((gw * v).sum(), (x, layer.weight))
 
-    for a, b in zip(hvp(model_module.project(layer, x)), hvp(F.linear(x, layer.weight, layer.bias))):
+    for a, b in zip(hvp(kernels.project(layer, x)), hvp(F.linear(x, layer.weight, layer.bias))):
         torch.testing.assert_close(a, b)
 
 
@@ -155,7 +156,7 @@ def test_model_gradients_are_the_same_with_and_without_the_onednn_projections(mo
     x, y = torch.randint(0, 61, (3, 32), generator=g), torch.randint(0, 61, (3, 32), generator=g)
     loss = lm_loss(model, (x, y))[0]
     grads = torch.autograd.grad(loss, list(model.parameters()))
-    monkeypatch.setattr(model_module, "_ONEDNN", False)  # every projection through nn.Linear (MKL on CPU)
+    monkeypatch.setattr(kernels, "_ONEDNN", False)  # every projection through nn.Linear (MKL on CPU)
     ref = lm_loss(model, (x, y))[0]
     ref_grads = torch.autograd.grad(ref, list(model.parameters()))
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)

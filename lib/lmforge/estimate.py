@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lmforge import kernels
 from lmforge.model import ModelConfig
 
 BYTES = {"fp32": 4, "bf16": 2}
@@ -174,7 +175,7 @@ def _mask_bytes(cfg: ModelConfig, seq_len: int, dtype: str) -> int:
 def _loss_bytes(cfg: ModelConfig, tokens: int, dtype: str, fused: bool) -> int:
     """Bytes of the output layer and the loss at their peak, for ``tokens`` = B·T predictions.
 
-    fused (``lmforge.train.lm.linear_cross_entropy``, what ``lm_loss`` uses): the forward already
+    fused (``lmforge.kernels.linear_cross_entropy``, what ``lm_loss`` uses): the forward already
       computes both gradients and keeps them: the hidden states' (B·T·D, activation dtype) and
       the head weight's (V·D, accumulated in fp32), while one chunk of rows·V fp32 logits and
       their log-softmax exist at a time;
@@ -184,9 +185,7 @@ def _loss_bytes(cfg: ModelConfig, tokens: int, dtype: str, fused: bool) -> int:
     V, D = cfg.vocab_size, cfg.d_model
     if not fused:
         return 12 * tokens * V
-    from lmforge.train import lm
-
-    rows = min(tokens, max(1, getattr(lm, "CHUNK_ELEMENTS", 2**21) // V))
+    rows = min(tokens, max(1, kernels.CHUNK_ELEMENTS // V))
     return BYTES[dtype] * tokens * D + 4 * V * D + 8 * rows * V
 
 

@@ -3,7 +3,8 @@
 Read top to bottom: the config and its validation, positional encodings
 (rope / yarn / alibi / sinusoidal / learned), the one attention-mask builder,
 the KV cache, the blocks (attention, MLP), the model, and the thin reward and
-value wrappers used by the alignment stages.
+value wrappers used by the alignment stages. The fast paths under it (oneDNN
+products on the CPU, decoding's concatenated projections) are ``lmforge.kernels``.
 
 Module names mirror Hugging Face Llama (``embed_tokens``, ``layers.N.self_attn.q_proj``,
 ``mlp.gate_proj``, ``input_layernorm``, ``norm``, ``lm_head`` …) so that LoRA
@@ -26,6 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lmforge.errors import LmforgeError
+from lmforge.kernels import fusable, linear_no_grad, project, stacked_weights
 
 POSITIONAL_ENCODINGS = ("rope", "yarn", "alibi", "sinusoidal", "learned")
 ATTENTION_TYPES = ("mha", "mqa", "gqa")
@@ -401,10 +403,7 @@ class KVCache:
         """
         key = id(linears[0])
         if key not in self._fused:
-            bias = None
-            if any(m.bias is not None for m in linears):
-                bias = torch.cat([m.weight.new_zeros(m.out_features) if m.bias is None else m.bias for m in linears])
-            self._fused[key] = (torch.cat([m.weight for m in linears]), bias)
+            self._fused[key] = stacked_weights(linears)
         return self._fused[key]
 
     def advance(self, n: int) -> None:
@@ -421,83 +420,6 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm_type == "rmsnorm":
         return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-
-
-# oneDNN's fp32 matrix product, the kernel PyTorch's compiler picks for CPU inference: with the
-# few rows of a decoding step it beats F.linear's MKL product by ~1.5x here, and with the 2,048 rows
-# of a training step by ~2x on AVX-512 CPUs where MKL runs generic code (bench/RESULTS.md).
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-@torch.library.custom_op("lmforge::onednn_linear", mutates_args=())
-def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The oneDNN product as an op torch.compile calls as it is (its own lowering of the
-    underlying op wants weights frozen into the graph, which decoding a training model can't have)."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-
-@_onednn_linear.register_fake
-def _(x, weight, bias):
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
-
-
-def _onednn_linear_setup(ctx, inputs, output):
-    x, weight, bias = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.has_bias = bias is not None
-
-
-def _onednn_linear_backward(ctx, grad):
-    """d x = grad @ W through oneDNN again (W transposed once, a small copy); d W = grad.T @ x stays
-    with torch.mm: oneDNN has no strided form of it, and transposing both activations costs more."""
-    x, weight = ctx.saved_tensors
-    grad = grad.contiguous()
-    grad_x = _onednn_linear(grad, weight.t().contiguous(), None) if ctx.needs_input_grad[0] else None
-    rows = grad.reshape(-1, grad.shape[-1])
-    grad_w = rows.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
-    grad_b = rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-    return grad_x, grad_w, grad_b
-
-
-_onednn_linear.register_autograd(_onednn_linear_backward, setup_context=_onednn_linear_setup)
-
-
-def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)`` for the block's projections. A plain float32 nn.Linear on CPU goes through
-    oneDNN's product, forward and input gradient: on CPUs with AVX-512 that MKL serves with its
-    generic code (AMD's), it runs twice as fast (bench/RESULTS.md). Adapters, quantized layers,
-    layers with hooks and other devices or dtypes call the layer as usual."""
-    if (type(layer) is nn.Linear and _onednn_serves(x, layer.weight) and not torch.is_autocast_enabled("cpu")
-            and not (layer._forward_hooks or layer._forward_pre_hooks)):
-        return _onednn_linear(x.contiguous(), layer.weight, layer.bias)
-    return layer(x)
-
-
-def _onednn_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether oneDNN's product applies: float32 input and weight on the CPU, oneDNN present."""
-    return _ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-
-
-def linear_no_grad(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear (..., in) -> (..., out) where no gradient flows through it: decoding, and the logits
-    chunks of the fused loss. A single row goes through torch.mv, which streams the weight once where
-    a one-row matrix product first repacks it (about 5 % of a batch-1 decoding step on CPU); more rows
-    of float32 on CPU through oneDNN."""
-    if x.numel() != x.shape[-1]:
-        if not _onednn_serves(x, weight):
-            return F.linear(x, weight, bias)
-        if torch.compiler.is_compiling():
-            return _onednn_linear(x, weight, bias)
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    y = torch.mv(weight, x.reshape(-1))
-    if bias is not None:
-        y = y + bias.to(y.dtype)
-    return y.view(*x.shape[:-1], -1)
-
-
-def _fusable(*modules: nn.Module) -> bool:
-    """Plain nn.Linear layers (not LoRA or quantized replacements), whose weights can be concatenated."""
-    return all(type(m) is nn.Linear for m in modules)
 
 
 class Attention(nn.Module):
@@ -521,7 +443,7 @@ class Attention(nn.Module):
         H, K, hd = self.n_heads, self.n_kv_heads, self.head_dim
         # Decoding (a cache, eval, no gradients): one matmul for q, k and v, one rotation for q and k.
         # Training keeps three: fusing measured no faster there, and LoRA/quantized layers stay in charge.
-        fused = cache is not None and not (self.training or torch.is_grad_enabled()) and _fusable(
+        fused = cache is not None and not (self.training or torch.is_grad_enabled()) and fusable(
             self.q_proj, self.k_proj, self.v_proj, self.o_proj)
         if fused:
             qkv = linear_no_grad(x, *cache.fused(self.q_proj, self.k_proj, self.v_proj)).view(B, T, H + 2 * K, hd)
@@ -567,7 +489,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """(B, T, D) -> (B, T, D). Decoding (a cache, eval, no gradients): gate and up are one matmul."""
-        if self.gated and cache is not None and not (self.training or torch.is_grad_enabled()) and _fusable(
+        if self.gated and cache is not None and not (self.training or torch.is_grad_enabled()) and fusable(
                 self.gate_proj, self.up_proj, self.down_proj):
             gate, up = linear_no_grad(x, *cache.fused(self.gate_proj, self.up_proj)).chunk(2, dim=-1)
             return linear_no_grad(self.act(gate) * up, self.down_proj.weight)
@@ -743,7 +665,7 @@ class Transformer(nn.Module):
     def next_logits(self, h: torch.Tensor) -> torch.Tensor:
         """Decoding's lm_head (no gradients): hidden states (B, D) -> logits (B, V) through the fast
         product of the fused projections when the head is a plain linear layer."""
-        if _fusable(self.lm_head) and not torch.is_grad_enabled():
+        if fusable(self.lm_head) and not torch.is_grad_enabled():
             return linear_no_grad(h, self.lm_head.weight, self.lm_head.bias)
         return self.lm_head(h)
 
