@@ -8,6 +8,8 @@ import torch
 from lmforge import distributed as dist
 from lmforge.checkpoint import atomic_write_json, save_model
 from lmforge.device import resolve_device, seed_everything, set_threads
+from lmforge.files import file_sha256
+from lmforge.train.loop import RESUME_FREE_KNOBS
 
 
 def setup(env, seed: int) -> torch.device:
@@ -25,6 +27,22 @@ def setup(env, seed: int) -> torch.device:
     if not dist.is_main():
         env.tracking_enabled = False  # one MLflow run per stage execution: rank 0's
     return device
+
+
+def resume_fingerprint(params: dict, inputs: dict, **extra) -> dict:
+    """What a stage's checkpoint must share with the current run to be resumed (``train``'s ``fingerprint``):
+    the stage's whole params (every section, the seed and, under Snakemake, the code version) less the
+    knobs that cannot change its result, the sha256 of every input file (name -> path, or a list of
+    paths), and ``extra``, what the stage derives while it runs (a STaR round and its training set).
+    The loop compares canonical forms: key order never matters."""
+    def without_free_knobs(value):
+        return {k: v for k, v in value.items() if k not in RESUME_FREE_KNOBS} if isinstance(value, dict) else value
+
+    def digest(path):
+        return [file_sha256(p) for p in path] if isinstance(path, (list, tuple)) else file_sha256(path)
+
+    return {"params": {name: without_free_knobs(value) for name, value in params.items()},
+            "inputs": {name: digest(path) for name, path in inputs.items() if path}, **extra}
 
 
 def training_options(model, section: dict, key: str):

@@ -16,12 +16,10 @@ import time
 import torch
 
 from lmforge import distributed as dist
-from lmforge.checkpoint import file_sha256
 from lmforge.data.builtin import make_task_data
 from lmforge.data.formats import load_preferences
-from lmforge.data.sources import data_fingerprint
 from lmforge.errors import LmforgeError
-from lmforge.stages.common import load_trainable, publish, run_summary, setup
+from lmforge.stages.common import load_trainable, publish, resume_fingerprint, run_summary, setup
 from lmforge.stages.reward import builtin_pairs, fitting
 from lmforge.stages.sft import N_SAMPLES, greedy_responses, sample_logger
 from lmforge.train.dpo import (DPOBatches, check_section, dpo_loss, dpo_stats, encode_dpo_pairs, evaluate_dpo,
@@ -30,12 +28,11 @@ from lmforge.train.loop import final_weights, train
 from lmforge.train.policy import load_reference
 
 
-def static_pairs(section: dict, task_data: dict, tok, seq: int) -> tuple[list[dict], int, object]:
-    """(pairs of dpo.data or the builtin set, number left out because the prompt fills the context, identity)."""
+def static_pairs(section: dict, task_data: dict, tok, seq: int) -> tuple[list[dict], int]:
+    """(pairs of dpo.data or the builtin set, number left out because the prompt fills the context)."""
     if section["data"]:
-        return load_preferences(section["data"], key="dpo.data"), 0, data_fingerprint(section["data"], "dpo.data")
-    pairs, skipped = builtin_pairs(task_data, "pref_train", tok, seq)
-    return pairs, skipped, "builtin"
+        return load_preferences(section["data"], key="dpo.data"), 0
+    return builtin_pairs(task_data, "pref_train", tok, seq)
 
 
 def mix(static: list[dict], on_policy: list[dict], share: float) -> list[dict]:
@@ -44,20 +41,19 @@ def mix(static: list[dict], on_policy: list[dict], share: float) -> list[dict]:
     return static + on_policy * repeats
 
 
-def train_pairs(section: dict, inputs: dict, task_data: dict, tok, seq: int) -> tuple[list[dict], int, object]:
-    """(training pairs, number left out because the prompt fills the context, data identity for resume)."""
+def train_pairs(section: dict, inputs: dict, task_data: dict, tok, seq: int) -> tuple[list[dict], int]:
+    """(training pairs, number left out because the prompt fills the context)."""
     if not section["on_policy"]:
         return static_pairs(section, task_data, tok, seq)
     if "pairs" not in inputs:
         raise LmforgeError(f"config key 'dpo.on_policy' is {section['on_policy']}, but no scored pairs file was given")
     pairs = load_preferences(inputs["pairs"], key="dpo.on_policy")
     kept = fitting(pairs, tok, seq)  # made by the pipeline for any context: filter like builtin pairs
-    skipped, identity = len(pairs) - len(kept), file_sha256(inputs["pairs"])
+    skipped = len(pairs) - len(kept)
     if section["on_policy"] is True:
-        return kept, skipped, identity
-    static, static_skipped, static_id = static_pairs(section, task_data, tok, seq)
-    return (mix(static, kept, section["on_policy_share"]), skipped + static_skipped,
-            {"static": static_id, "on_policy": identity, "share": section["on_policy_share"]})
+        return kept, skipped
+    static, static_skipped = static_pairs(section, task_data, tok, seq)
+    return mix(static, kept, section["on_policy_share"]), skipped + static_skipped
 
 
 def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
@@ -76,7 +72,7 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
     seq = mcfg["max_seq_len"] if ref_model is None else min(mcfg["max_seq_len"], ref_model.cfg.max_seq_len)
 
     task_data = make_task_data(params["data"]["builtin"], params["seed"])
-    pairs, n_skipped, data_id = train_pairs(section, inputs, task_data, tok, seq)
+    pairs, n_skipped = train_pairs(section, inputs, task_data, tok, seq)
     val_pairs, n_val_skipped = builtin_pairs(task_data, "pref_val", tok, seq)
     if not pairs or not val_pairs:
         raise LmforgeError(f"dpo: no preference prompt fits model.max_seq_len ({seq}); raise it")
@@ -105,9 +101,7 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
 
     sample_prompts = [r["prompt"] for r in task_data["pref_val"]
                       if len(tok.prompt_ids(r["prompt"])) < seq][:N_SAMPLES]
-    fingerprint = {"init": file_sha256(inputs["policy"]), "reference": file_sha256(reference) if reference else None,
-                   "data": data_id, "builtin": params["data"]["builtin"], "seed": params["seed"], **loss_kw,
-                   "rpo_alpha": section["rpo_alpha"], "lora": section.get("lora")}
+    fingerprint = resume_fingerprint(params, inputs)
     lineage = {k: inputs[k] for k in ("policy", "reference", "data", "pairs") if inputs.get(k)}
     with env.tracker(params, lineage) as run:
         run.set_tags({"device": str(device)})

@@ -18,15 +18,13 @@ import time
 
 import torch
 
-from lmforge.checkpoint import file_sha256
 from lmforge.config import TrainConfig
 from lmforge.data.builtin import make_task_data
 from lmforge.data.formats import load_prompts
-from lmforge.data.sources import data_fingerprint
 from lmforge.device import autocast
 from lmforge.errors import LmforgeError
 from lmforge.rewards import RewardFunction, RewardSpec
-from lmforge.stages.common import load_trainable, publish, run_summary, setup
+from lmforge.stages.common import load_trainable, publish, resume_fingerprint, run_summary, setup
 from lmforge.stages.sft import N_SAMPLES, greedy_responses, sample_logger
 from lmforge.tasks import is_correct, is_dismissive
 from lmforge.train.grpo import GRPOConfig, grpo_loss, make_rollout
@@ -135,12 +133,7 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
 
     sample_prompts = [r["prompt"] for r in heldout[:N_SAMPLES]]
     before = heldout_metrics(model, tok, heldout)
-    fingerprint = {"init": file_sha256(inputs["policy"]), "seed": params["seed"],
-                   "data": (data_fingerprint(section["data"], "grpo.data") if source != "builtin:rl_train"
-                            else params["data"]["builtin"]),
-                   "grpo": TrainConfig.split(section)[1], "batch_size": section["batch_size"],
-                   "reference": file_sha256(reference_path) if reference_path else None,
-                   "reward_model": file_sha256(inputs["reward_model"]) if spec.rm > 0 else None}
+    fingerprint = resume_fingerprint(params, inputs)
     lineage = {k: inputs[k] for k in ("policy", "reference", "reward_model", "data") if inputs.get(k)}
 
     with env.tracker(params, lineage) as run:

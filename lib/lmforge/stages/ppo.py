@@ -21,15 +21,12 @@ import time
 
 import torch
 
-from lmforge.checkpoint import file_sha256
-from lmforge.config import TrainConfig
 from lmforge.data.builtin import make_task_data
 from lmforge.data.formats import load_prompts
-from lmforge.data.sources import data_fingerprint
 from lmforge.device import autocast
 from lmforge.errors import LmforgeError
 from lmforge.rewards import RewardFunction, RewardSpec
-from lmforge.stages.common import load_trainable, publish, run_summary, setup
+from lmforge.stages.common import load_trainable, publish, resume_fingerprint, run_summary, setup
 from lmforge.tasks import is_correct
 from lmforge.train.loop import final_weights, train
 from lmforge.train.policy import load_reference, token_logprobs
@@ -189,10 +186,7 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
 
     before, before_samples = heldout_metrics(model.policy, tok, val_records, reward_fn, **gen)
     before_sampled = heldout_sampled(model.policy, reference, tok, val_records, reward_fn, **sampled)
-    _, stage_knobs = TrainConfig.split(section)
-    fingerprint = {"init": file_sha256(inputs["policy"]), "seed": params["seed"], "ppo": stage_knobs,
-                   "data": data_fingerprint(section["data"], "ppo.data") if section["data"] else params["data"]["builtin"],
-                   **{k: file_sha256(inputs[k]) for k in ("reference", "reward_model") if inputs.get(k)}}
+    fingerprint = resume_fingerprint(params, inputs)
     lineage = {k: inputs[k] for k in ("policy", "reference", "reward_model", "data") if inputs.get(k)}
 
     with env.tracker(params, lineage) as run:

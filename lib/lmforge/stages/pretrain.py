@@ -6,11 +6,10 @@ import time
 from pathlib import Path
 
 from lmforge import distributed as dist
-from lmforge.checkpoint import file_sha256
 from lmforge.config import TrainConfig
 from lmforge.errors import LmforgeError
 from lmforge.model import ModelConfig, Transformer
-from lmforge.stages.common import log_estimate, publish, run_summary, setup, training_options
+from lmforge.stages.common import log_estimate, publish, resume_fingerprint, run_summary, setup, training_options
 from lmforge.tokenizer import LMTokenizer
 from lmforge.train.lm import TokenWindows, evaluate_lm, lm_loss
 from lmforge.train.loop import TrainResult, final_weights, train
@@ -46,8 +45,7 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
     train_windows = TokenWindows(inputs["train"], meta["dtype"], seq, tcfg.batch_size, params["seed"], device)
     val_windows = TokenWindows(inputs["val"], meta["dtype"], seq, tcfg.batch_size, params["seed"], device)
     bpt = meta["val_bytes_per_token"]
-    fingerprint = {"model": mcfg.to_dict(), "seed": params["seed"], "init_from": params["model"].get("init_from"),
-                   "data": {k: file_sha256(inputs[k]) for k in ("train", "val", "tokenizer")}}
+    fingerprint = resume_fingerprint(params, inputs)
 
     with env.tracker(params, {k: inputs[k] for k in ("tokenizer", "train", "val")}) as run:
         run.set_tags({"device": str(device), "n_params": n_params})

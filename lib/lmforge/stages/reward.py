@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import time
 
-from lmforge.checkpoint import file_sha256
 from lmforge.config import TrainConfig
 from lmforge.data.builtin import make_task_data
 from lmforge.data.formats import load_preferences
-from lmforge.data.sources import data_fingerprint
-from lmforge.stages.common import load_trainable, publish, run_summary, setup
+from lmforge.stages.common import load_trainable, publish, resume_fingerprint, run_summary, setup
 from lmforge.errors import LmforgeError
 from lmforge.model import RewardModel
 from lmforge.train.loop import final_weights, train
@@ -73,9 +71,7 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
     print(f"reward: {len(train_ex)} pairs ({n_truncated} truncated, {n_skipped} left out: prompt too long), "
           f"{len(val_ex)} held out, on {device}")
 
-    data_id = data_fingerprint(section["data"], "reward.data") if section["data"] else params["data"]["builtin"]
-    fingerprint = {"init": file_sha256(inputs["model"]), "data": data_id, "seed": params["seed"],
-                   "margin": section["margin"], "center_coef": center, "lora": section.get("lora")}
+    fingerprint = resume_fingerprint(params, inputs)
     with env.tracker(params, {"model": inputs["model"]}) as run:
         run.set_tags({"device": str(device)})
         t0 = time.perf_counter()

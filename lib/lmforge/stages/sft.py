@@ -14,12 +14,10 @@ import time
 import torch
 
 from lmforge import distributed as dist
-from lmforge.checkpoint import file_sha256
 from lmforge.config import TrainConfig
 from lmforge.data.builtin import make_task_data
 from lmforge.data.formats import load_sft
-from lmforge.data.sources import data_fingerprint
-from lmforge.stages.common import load_trainable, publish, run_summary, setup
+from lmforge.stages.common import load_trainable, publish, resume_fingerprint, run_summary, setup
 from lmforge.errors import LmforgeError
 from lmforge.generate import generate
 from lmforge.model import Transformer
@@ -113,9 +111,7 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
     gen_records = fitting(val_records, tok, seq)
     sample_prompts = [r["messages"][0]["content"] for r in gen_records[:N_SAMPLES]]
     before = task_metrics(model, tok, gen_records)
-    data_id = data_fingerprint(section["data"], "sft.data") if section["data"] else params["data"]["builtin"]
-    fingerprint = {"init": file_sha256(inputs["model"]), "data": data_id, "seed": params["seed"],
-                   "packing": section["packing"], "train_on_all": section["train_on_all"], "lora": section.get("lora")}
+    fingerprint = resume_fingerprint(params, inputs)
 
     with env.tracker(params, {"model": inputs["model"]}) as run:
         run.set_tags({"device": str(device)})

@@ -28,11 +28,10 @@ import time
 
 import torch
 
-from lmforge.checkpoint import file_sha256
 from lmforge.config import TrainConfig
 from lmforge.data.builtin import make_task_data
 from lmforge.device import autocast
-from lmforge.stages.common import publish, setup
+from lmforge.stages.common import publish, resume_fingerprint, setup
 from lmforge.stages.grpo import heldout_metrics, policy_and_prompts, train_prompts
 from lmforge.stages.sft import N_SAMPLES, greedy_responses
 from lmforge.train.loop import final_weights, train
@@ -82,7 +81,7 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
     sample_prompts = [r["prompt"] for r in heldout[:N_SAMPLES]]
     with torch.no_grad(), autocast(device):
         before = heldout_metrics(model, tok, heldout)
-    init_sha = file_sha256(inputs["policy"])
+    fingerprint = resume_fingerprint(params, inputs)  # each round adds its number and training set
     lineage = {k: inputs[k] for k in ("policy", "data") if inputs.get(k)}
 
     with env.tracker(params, lineage) as run:
@@ -117,11 +116,10 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
                                      seed=params["seed"] + r, packing=section["packing"],
                                      grad_accum_steps=tcfg.grad_accum_steps, device=device)
                 stats["train_loss_start"] = evaluate_sft(model, batches)["val_loss"]
-                fingerprint = {"init": init_sha, "seed": params["seed"], "round": r, "packing": section["packing"],
-                               "train_set": samples_digest(kept_all), "lora": section.get("lora")}
                 result = train(model, stage="star", cfg=tcfg, model_config=mcfg, batch_fn=batches.batch,
                                loss_fn=sft_loss, eval_fn=None, ckpt_dir=env.ckpt_dir / f"round_{r}", device=device,
-                               fingerprint=fingerprint, run=RoundRun(run, steps))
+                               fingerprint={**fingerprint, "round": r, "train_set": samples_digest(kept_all)},
+                               run=RoundRun(run, steps))
                 model.load_state_dict(final_weights(result, tcfg))
                 model.eval()
                 stats.update(train_loss=evaluate_sft(model, batches)["val_loss"], steps=result.step,
