@@ -297,3 +297,48 @@ def test_threads_default_to_the_slurm_allocation_or_the_cpu_affinity(monkeypatch
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_pretrain_stage_publishes_what_a_fresh_run_of_the_current_config_would(tmp_path, capsys):
+    """Through the stage: a longer run's checkpoint is never published for a shorter config, and a
+    changed input file (same config) sets the checkpoint aside too."""
+    from dataclasses import asdict
+
+    from lmforge.data.corpus import tokenize_corpus
+    from lmforge.loader import load_model
+    from lmforge.stages import pretrain
+    from lmforge.tokenizer import LMTokenizer
+    from lmforge.workflow import StageEnv
+
+    docs = [f"Document {i} talks about the number {i * 7} and the word {'abc'[i % 3]}. " * 3 for i in range(80)]
+    tok = LMTokenizer.train(docs, vocab_size=320)
+    tok.save(tmp_path / "tok")
+    tokenize_corpus(tok, docs, tmp_path / "data", val_fraction=0.2, sources=[])
+    inputs = {"tokenizer": str(tmp_path / "tok" / "tokenizer.json"), "train": str(tmp_path / "data" / "train.bin"),
+              "val": str(tmp_path / "data" / "val.bin"), "meta": str(tmp_path / "data" / "meta.json")}
+
+    def stage(ckpt_root: str, max_steps: int) -> tuple[dict, dict]:
+        section = asdict(TrainConfig.from_dict(dict(lr=3e-3, warmup_steps=2, max_steps=max_steps, batch_size=4,
+                                                    eval_every=6, eval_steps=2, checkpoint_every=6), key="pretrain"))
+        params = {"seed": 7, "code": "abc", "model": {**MODEL, "vocab_size": 320, "max_seq_len": 32},
+                  "pretrain": section}
+        out = tmp_path / f"out-{ckpt_root}-{max_steps}"
+        outputs = {"model": str(out / "model.pt"), "metrics": str(out / "metrics.json")}
+        env = StageEnv("pretrain", seed=7, device="cpu", threads=1, tracking_enabled=False,
+                       ckpt_root=str(tmp_path / ckpt_root))
+        metrics = pretrain.run(params, inputs, outputs, env)
+        return metrics, load_model(outputs["model"])[0].state_dict()
+
+    stage("ck", 30)
+    metrics, weights = stage("ck", 12)
+    assert metrics["steps"] == 12 and metrics["resumed_from"] is None
+    fresh_metrics, fresh_weights = stage("fresh", 12)
+    assert_same_weights(weights, fresh_weights)
+    assert metrics["val_loss"] == fresh_metrics["val_loss"]
+
+    train_bin = tmp_path / "data" / "train.bin"
+    train_bin.write_bytes(np.fromfile(train_bin, dtype=np.uint16)[::-1].tobytes())  # same size, other content
+    capsys.readouterr()
+    metrics, _ = stage("ck", 12)
+    assert metrics["resumed_from"] is None
+    assert "its settings differ: input train" in capsys.readouterr().err
