@@ -1,8 +1,8 @@
-# lmforge: tokenizer -> tokenize -> pretrain (-> sft -> reward -> dpo/ppo/grpo/star -> evaluate)
+# lmforge: tokenizer -> tokenize -> pretrain -> sft -> reward / score -> dpo / ppo / grpo / star -> evaluate.
+# The stages are declared once in lib/lmforge/pipeline.py; workflow/rules/stages.smk makes them rules.
 from snakemake.utils import min_version, validate
 
-from lmforge.config import load_schema
-from lmforge.workflow import coerce_strings
+from lmforge.config import coerce_strings, load_schema
 
 min_version("9.0")
 
@@ -15,33 +15,17 @@ config.update(coerce_strings(config, load_schema()))
 validate(config, "workflow/schemas/config.schema.yaml")
 
 
-include: "workflow/pipeline.smk"
-
-
-# `seeds: [1, 2, 3]`: the same pipeline once per seed, under results/seeds/<seed>/results/ (each one a
-# Snakemake module with the seed set in its config), and results/seeds/summary.csv: mean and std of
-# every evaluation metric per stage across the seeds. workflow.module/userule are what the `module`
-# and `use rule` keywords compile to; the keywords cannot take a name made in a loop.
-for _seed in config["seeds"]:
-    workflow.module(snakefile="workflow/pipeline.smk", config={**config, "seed": _seed, "seeds": []},
-                    prefix=f"results/seeds/{_seed}", name=f"seed{_seed}")
-    workflow.userule(rules=["*"], from_module=f"seed{_seed}", exclude_rules=[],
-                     name_modifier=f"seed{_seed}_*", lineno=1)(lambda: None)
+include: "workflow/rules/common.smk"
+include: "workflow/rules/stages.smk"
 
 
 rule all:
     input:
-        "results/pretrain/model.pt",
-        "results/sft/model.pt",
-        "results/reward/model.pt",
-        "results/scored/summary.json",
-        "results/dpo/model.pt",
-        "results/ppo/model.pt",
-        "results/grpo/model.pt",
-        "results/star/model.pt",
-        "results/eval/report.md",
+        FINAL_OUTPUTS,
 
 
+# `seeds: [1, 2, 3]`: the pipeline once per seed (rules seed<seed>_<stage>, under results/seeds/<seed>/),
+# and results/seeds/summary.csv: mean and std of every evaluation metric per stage across the seeds.
 rule seeds_summary:
     input:
         expand("results/seeds/{seed}/results/eval/metrics.csv", seed=config["seeds"]),

@@ -21,6 +21,7 @@ from lmforge import distributed
 from lmforge.config import TrainConfig
 from lmforge.errors import LmforgeError
 from lmforge.model import ModelConfig, Transformer
+from lmforge.pipeline import process_settings
 from lmforge.train.dpo import DPOBatches, DPOExample, dpo_loss, pair_completions
 from lmforge.train.lm import TokenWindows, evaluate_lm, lm_loss
 from lmforge.train.loop import train
@@ -77,18 +78,18 @@ def test_world_size_that_does_not_divide_the_batch_is_named(as_rank):
 
 
 def test_nproc_comes_from_distributed_then_the_rules_gpus():
-    assert distributed.settings({}, "pretrain") == {"nproc": 1, "strategy": "ddp"}
-    assert distributed.settings({"distributed": {"nproc": 2, "strategy": "fsdp"}}, "sft") == {"nproc": 2,
+    assert process_settings({}, "pretrain") == {"nproc": 1, "strategy": "ddp"}
+    assert process_settings({"distributed": {"nproc": 2, "strategy": "fsdp"}}, "sft") == {"nproc": 2,
                                                                                             "strategy": "fsdp"}
     per_rule = {"distributed": {"nproc": {"pretrain": 4}}}
-    assert distributed.settings(per_rule, "pretrain")["nproc"] == 4
-    assert distributed.settings(per_rule, "dpo")["nproc"] == 1
+    assert process_settings(per_rule, "pretrain")["nproc"] == 4
+    assert process_settings(per_rule, "dpo")["nproc"] == 1
     gpus = {"resources": {"default": {"gpu": None}, "pretrain": {"gpu": 8}}}
-    assert distributed.settings(gpus, "pretrain")["nproc"] == 8 and distributed.settings(gpus, "sft")["nproc"] == 1
+    assert process_settings(gpus, "pretrain")["nproc"] == 8 and process_settings(gpus, "sft")["nproc"] == 1
     # Only pretrain, sft and dpo can run under torchrun; the other rules stay one process.
-    assert distributed.settings({"distributed": {"nproc": 2}, "resources": {"ppo": {"gpu": 2}}}, "ppo")["nproc"] == 1
+    assert process_settings({"distributed": {"nproc": 2}, "resources": {"ppo": {"gpu": 2}}}, "ppo")["nproc"] == 1
     with pytest.raises(LmforgeError, match="distributed.nproc"):
-        distributed.settings({"distributed": {"nproc": 0}}, "sft")
+        process_settings({"distributed": {"nproc": 0}}, "sft")
     with pytest.raises(LmforgeError, match="'distributed.strategy': 'zero'"):
         distributed.configure("zero")
 

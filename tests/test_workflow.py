@@ -73,6 +73,19 @@ def test_second_run_does_nothing(built):
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 
+def test_the_same_config_with_its_keys_reordered_reruns_nothing(built):
+    # As a YAML tool that sorts keys would write it back: only a changed value makes a stage stale.
+    workdir, _ = built
+    path = write_config(workdir, threads=None)
+    cfg = yaml.safe_load(path.read_text())
+    reverse = lambda v: {k: reverse(v[k]) for k in reversed(list(v))} if isinstance(v, dict) else v
+    path.write_text(yaml.safe_dump(reverse(cfg), sort_keys=False))
+    proc = snakemake(workdir, "-n", target="all")
+    assert "Params have changed" not in proc.stdout + proc.stderr
+    assert executed(snakemake(workdir)) == set()
+    assert (workdir / "results/tokenizer/tokenizer_config.json").exists()  # a declared output of the tokenizer
+
+
 def test_changing_a_pretrain_knob_reruns_only_pretrain(built):
     workdir, _ = built
     write_config(workdir, **{"pretrain.lr": 2e-3})
@@ -185,7 +198,7 @@ def test_a_new_init_from_folder_content_reruns_what_was_built_from_it(tmp_path):
     """model.init_from: a local folder's weights and tokenizer are rule inputs, not just its path."""
     import torch
 
-    from lmforge import hf
+    from lmforge import loader
     from lmforge.checkpoint import save_model
     from lmforge.model import ModelConfig, Transformer
     from lmforge.tokenizer import LMTokenizer
@@ -195,7 +208,7 @@ def test_a_new_init_from_folder_content_reruns_what_was_built_from_it(tmp_path):
     torch.manual_seed(0)
     save_model(tmp_path / "base.pt", Transformer(cfg), kind="causal_lm", model_config=cfg.to_dict(), tokenizer=tok,
                meta={"stage": "test"})
-    folder = hf.export(tmp_path / "base.pt", tmp_path / "hf")
+    folder = loader.export(tmp_path / "base.pt", tmp_path / "hf")
     write_config(tmp_path, **{"model.init_from": f"hf:{folder}", "pretrain.max_steps": 2,
                               "pretrain.warmup_steps": 1})
     assert executed(snakemake(tmp_path)) == {"tokenizer", "tokenize", "pretrain"}
@@ -203,7 +216,7 @@ def test_a_new_init_from_folder_content_reruns_what_was_built_from_it(tmp_path):
     torch.manual_seed(1)
     save_model(tmp_path / "base.pt", Transformer(cfg), kind="causal_lm", model_config=cfg.to_dict(), tokenizer=tok,
                meta={"stage": "test"})
-    hf.export(tmp_path / "base.pt", folder)
+    loader.export(tmp_path / "base.pt", folder)
     assert executed(snakemake(tmp_path, "-n")) == {"pretrain"}
     tokenizer = folder / "tokenizer.json"
     tokenizer.write_text(json.dumps(json.loads(tokenizer.read_text()), indent=1))

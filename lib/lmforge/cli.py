@@ -14,57 +14,21 @@ import signal
 import sys
 
 from lmforge.errors import LmforgeError
+from lmforge.pipeline import STAGES, process_settings, stage_inputs, stage_outputs, stage_params
 
-# stage -> (config sections in its params, inputs, outputs); the same paths the Snakefile uses.
-STAGES = {
-    "tokenizer": (("tokenizer", "data"), {},
-                  {"tokenizer": "results/tokenizer/tokenizer.json", "stats": "results/tokenizer/stats.json"}),
-    "tokenize": (("data",), {"tokenizer": "results/tokenizer/tokenizer.json"},
-                 {"train": "results/data/pretrain/train.bin", "val": "results/data/pretrain/val.bin",
-                  "meta": "results/data/pretrain/meta.json"}),
-    "pretrain": (("model", "pretrain"),
-                 {"tokenizer": "results/tokenizer/tokenizer.json", "train": "results/data/pretrain/train.bin",
-                  "val": "results/data/pretrain/val.bin", "meta": "results/data/pretrain/meta.json"},
-                 {"model": "results/pretrain/model.pt", "metrics": "results/pretrain/metrics.json"}),
-    # The data section travels whole here; the stages read only data.builtin from it.
-    "sft": (("data", "sft"), {"model": "results/pretrain/model.pt"},
-            {"model": "results/sft/model.pt", "metrics": "results/sft/metrics.json"}),
-    "reward": (("data", "reward"), {"model": "results/sft/model.pt"},
-               {"model": "results/reward/model.pt", "metrics": "results/reward/metrics.json"}),
-    # Reference, data file, reward model and pairs are added per config (workflow.optional_inputs).
-    "score": (("data", "score"), {"policy": "results/sft/model.pt"},
-              {"samples": "results/scored/samples.parquet", "summary": "results/scored/summary.json",
-               "pairs": "results/scored/pairs.jsonl"}),
-    **{stage: (("data", stage), {"policy": "results/sft/model.pt"},
-               {"model": f"results/{stage}/model.pt", "metrics": f"results/{stage}/metrics.json"})
-       for stage in ("dpo", "ppo", "grpo", "star")},
-    "evaluate": (("data", "eval"),
-                 {**{f"model_{s}": f"results/{s}/model.pt" for s in ("pretrain", "sft", "dpo", "ppo", "grpo", "star")},
-                  "reward_model": "results/reward/model.pt", "val": "results/data/pretrain/val.bin",
-                  "meta": "results/data/pretrain/meta.json"},
-                 {"metrics": "results/eval/metrics.csv", "summary": "results/eval/summary.json",
-                  "report": "results/eval/report.md"}),
-}
+# The commands import torch (through the stages and models) only when they run: `lmforge --help` is instant.
 
 
 def cmd_run(args) -> None:
     from lmforge.config import load_config
-    from lmforge.distributed import launch, settings
-    from lmforge.workflow import StageEnv, config_sections, optional_inputs
+    from lmforge.workflow import StageEnv, launch
 
+    # The stage's params, inputs and outputs exactly as its Snakemake rule has them (lmforge.pipeline).
     config = load_config(args.config)
-    sections, inputs, outputs = STAGES[args.stage]
-    if args.stage in ("score", "dpo", "ppo", "grpo", "star"):
-        inputs = {**inputs, **optional_inputs(config, args.stage)}
-    elif args.stage == "evaluate":  # only the stages the config lists
-        inputs = {k: v for k, v in inputs.items()
-                  if not k.startswith("model_") or k[len("model_"):] in config["eval"]["stages"]}
-    params = config_sections(config)(*sections)
-    if args.stage == "tokenizer":  # an imported model brings its own tokenizer (as the rule's params)
-        params["init_from"] = config["model"]["init_from"]
     env = StageEnv.from_config(args.stage, config)
     # In this process, or under torchrun when the config asks a training stage for several processes.
-    launch(args.stage, params, inputs, outputs, env, **settings(config, args.stage))
+    launch(args.stage, stage_params(args.stage, config), stage_inputs(args.stage, config),
+           stage_outputs(args.stage), env, **process_settings(config, args.stage))
 
 
 def _sampling(args) -> dict:
@@ -75,8 +39,8 @@ def _sampling(args) -> dict:
 def cmd_generate(args) -> None:
     import torch
 
-    from lmforge.checkpoint import load_model
     from lmforge.generate import generate
+    from lmforge.loader import load_model
 
     model, tok, _ = load_model(args.checkpoint)
     prompts = [tok.prompt_ids(p) if not args.raw else [tok.bos_id, *tok.encode(p)] for p in args.prompt]
@@ -101,8 +65,8 @@ def _chat_prompt(tok, history: list[dict], max_seq_len: int, max_new_tokens: int
 def cmd_chat(args) -> None:
     import torch
 
-    from lmforge.checkpoint import load_model
     from lmforge.generate import stream
+    from lmforge.loader import load_model
 
     # A process started in the background of a non-interactive shell (make, CI, nohup) inherits
     # SIGINT ignored, and Python then never raises KeyboardInterrupt: Ctrl-C must always quit a chat.
@@ -139,14 +103,14 @@ def cmd_chat(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from lmforge.hf import export
+    from lmforge.loader import export
 
     out = export(args.checkpoint, args.out_dir, dtype=args.dtype)
     print(f"exported {args.checkpoint} to {out} (transformers: AutoModelForCausalLM.from_pretrained('{out}'))")
 
 
 def cmd_merge(args) -> None:
-    from lmforge.lora import merge_checkpoint
+    from lmforge.loader import merge_checkpoint
 
     meta = merge_checkpoint(args.adapter, args.out, base=args.base)
     print(f"merged {args.adapter} into its base {meta['base']}: {args.out}")
@@ -163,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one stage without Snakemake")
-    run.add_argument("stage", choices=sorted(STAGES))
+    run.add_argument("stage", choices=list(STAGES))
     run.add_argument("--config", default="config/config.yaml")
     run.set_defaults(fn=cmd_run)
     for name, fn in (("generate", cmd_generate), ("chat", cmd_chat)):

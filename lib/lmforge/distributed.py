@@ -43,7 +43,6 @@ from torch import nn
 from lmforge.errors import LmforgeError
 
 STRATEGIES = ("ddp", "fsdp")
-TRAINING_RULES = ("pretrain", "sft", "dpo")
 FSDP_OPTIMIZERS = ("adamw",)  # elementwise updates: correct on parameter shards
 
 _strategy = "ddp"  # set by the torchrun worker (configure) before the stage runs
@@ -401,31 +400,6 @@ def check_resume(state: dict, path, stage: str) -> None:
 
 
 # --------------------------------------------------------------------------- launch
-
-
-MULTI_PROCESS = ("pretrain", "sft", "dpo")  # the stages that can train under torchrun
-
-
-def settings(config: dict, rule: str) -> dict:
-    """``nproc`` and ``strategy`` of a rule, from the config (execution settings, never params);
-    nproc is always 1 for a rule outside MULTI_PROCESS.
-
-    nproc: ``distributed.nproc`` (a number, or a mapping rule -> number), else
-    the rule's GPU count (``resources.<rule>.gpu``, else ``resources.default.gpu``), else 1.
-    """
-    section = config.get("distributed") or {}
-    if rule not in MULTI_PROCESS:
-        return {"nproc": 1, "strategy": section.get("strategy", "ddp")}
-    nproc = section.get("nproc")
-    if isinstance(nproc, dict):
-        nproc = nproc.get(rule)
-    if nproc is None:
-        resources = config.get("resources") or {}
-        gpu = {**(resources.get("default") or {}), **(resources.get(rule) or {})}.get("gpu")
-        nproc = gpu or 1
-    if not isinstance(nproc, int) or nproc < 1:
-        raise LmforgeError(f"config key 'distributed.nproc': {nproc!r} is not a positive number of processes")
-    return {"nproc": nproc, "strategy": section.get("strategy", "ddp")}
 
 
 def _stream(s):

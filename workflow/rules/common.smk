@@ -1,18 +1,14 @@
-# Shared by the rules. Every value a stage's result depends on reaches its rule
-# through params:, so Snakemake reruns exactly what a change makes stale.
+# Shared by the rules. Every value a stage's result depends on reaches its rule as a param
+# (lmforge.pipeline.stage_params), so Snakemake reruns exactly what a change makes stale.
 import shutil
 
 from lmforge.config import check_config
-from lmforge.distributed import settings as distributed_settings
 from lmforge.errors import LmforgeError
-from lmforge.hf import init_from_files
-from lmforge.workflow import code_version, config_sections, optional_inputs
+from lmforge.pipeline import (FINAL_OUTPUTS, STAGES, instances, log_path, process_settings, stage_inputs,
+                              stage_outputs, stage_params)
 
 # Cross-field checks (d_model % n_heads, warmup < max_steps, ...) before any job runs.
 config = check_config(config)
-section = config_sections(config)
-# The pretraining corpus depends on these data keys only (not on data.builtin's task knobs).
-corpus = {k: config["data"][k] for k in ("sources", "val_fraction", "max_docs")}
 
 
 # Execution settings of each rule, never params (changing them reruns nothing). The config's
@@ -31,7 +27,7 @@ def resources_for(name):
 
 def threads_for(name):
     """Threads of one rule (resources.*.cpus_per_task, default 1), at least one per process it starts."""
-    return max(_rule_resources(name).get("cpus_per_task", 1), distributed_settings(config, name)["nproc"])
+    return max(_rule_resources(name).get("cpus_per_task", 1), process_settings(config, name)["nproc"])
 
 
 onstart:
