@@ -1,11 +1,13 @@
 """The config loader: the default file loads and gets defaults; every bad input names its key or file."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from lmforge.config import TrainConfig, apply_schema, check_config, load_config, load_schema
+from lmforge.config import RENAMED, TrainConfig, apply_schema, check_config, load_config, load_schema
 from lmforge.errors import LmforgeError
 
 DEFAULT = Path(__file__).resolve().parents[1] / "config" / "config.yaml"
@@ -152,28 +154,110 @@ def test_override_through_a_scalar_names_the_key(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ({"dpo": {"mini_batch_size": 3}}, r"'dpo.mini_batch_size' \(3\) must divide 'dpo.batch_size' \(16\)"),
-    ({"ppo": {"batch_size": 32, "mini_batch_size": 5}}, r"'ppo.mini_batch_size' \(5\) must divide 'ppo.batch_size' \(32\)"),
-    ({"grpo": {"batch_size": 4, "mini_batch_size": 8}}, r"'grpo.mini_batch_size' \(8\) must divide"),
-    ({"dpo": {"grad_accum_steps": 2}}, r"'dpo.grad_accum_steps' \(2\) is not used by dpo"),
+    ({"ppo": {"rollout_batch_size": 32, "batch_size": 5}},
+     r"'ppo.batch_size' \(5\) must divide 'ppo.rollout_batch_size' \(32\)"),
+    ({"grpo": {"rollout_batch_size": 4, "batch_size": 8}}, r"'grpo.batch_size' \(8\) must divide"),
+    ({"ppo": {"grad_accum_steps": 2}}, r"'ppo.grad_accum_steps' \(2\) is not used by ppo"),
+    ({"grpo": {"grad_accum_steps": 2}}, r"'grpo.grad_accum_steps' \(2\) is not used by grpo"),
     ({"dpo": {"label_smoothing": 0.1, "loss_type": "ipo"}}, r"'dpo.label_smoothing' \(0.1\) applies only to"),
-    ({"grpo": {"group_size": 1, "scale_rewards": "group"}}, r"'grpo.group_size' is 1 \(with 'grpo.scale_rewards': group\)"),
-    ({"grpo": {"group_size": 1, "scale_rewards": "none"}}, r"'grpo.group_size' is 1 .*advantage 0"),
-    ({"dpo": {"beta": 0.1, "clip_range": 0.3}}, r"'dpo.beta' \(0.1\) and 'dpo.clip_range' \(0.3\) are both set and differ"),
+    ({"grpo": {"samples_per_prompt": 1, "scale_rewards": "group"}},
+     r"'grpo.samples_per_prompt' is 1 \(with 'grpo.scale_rewards': group\)"),
+    ({"grpo": {"samples_per_prompt": 1, "scale_rewards": "none"}}, r"'grpo.samples_per_prompt' is 1 .*advantage 0"),
     ({"ppo": {"reward_fn": {"rm": 0}}}, r"'ppo.reward_fn': every weight .* is 0"),
     ({"score": {"reward_fn": {"hf": 1.0}}}, r"'score.reward_fn.hf_model' is required"),
+    ({"star": {"warmup_steps": 40, "max_steps": 40}}, r"'star.warmup_steps' \(40\) must be smaller than 'star.max_steps'"),
+    ({"sft": {"lora": {"double_quant": True}}}, r"'sft.lora.double_quant' is true but 'sft.lora.quantize' is null"),
+    ({"dpo": {"lora": {"double_quant": True}}}, r"'dpo.lora.double_quant' is true"),
+    ({"model": {"init_from": "hf:./no/such/folder"}, "tokenizer": {"type": "pretrained", "path": "x"}},
+     r"'model.init_from' and 'tokenizer.type: pretrained' conflict"),
 ])
-def test_alignment_cross_field_errors(override, message):
+def test_cross_field_errors(override, message):
     with pytest.raises(LmforgeError, match=message):
         check_config(override)
 
 
-@pytest.mark.parametrize("section, expected", [({}, 0.5), ({"beta": 0.3}, 0.3), ({"clip_range": 0.2}, 0.2),
-                                               ({"beta": 0.2, "clip_range": 0.2}, 0.2)])
-def test_dpo_beta_alias(section, expected):
-    from lmforge.train.dpo import resolve_beta
+def test_dpo_accumulates_like_every_other_stage():
+    dpo = check_config({"dpo": {"batch_size": 4, "grad_accum_steps": 4}})["dpo"]
+    assert (dpo["batch_size"], dpo["grad_accum_steps"]) == (4, 4)
+    assert check_config({})["dpo"]["beta"] == 0.5  # once "null: 0.5", now the default itself
 
-    assert resolve_beta(check_config({"dpo": section})["dpo"]) == expected
+
+def test_rollout_batch_size_null_batch_is_the_whole_iteration():
+    from lmforge.sections import GRPOConfig, PPOConfig
+
+    grpo = GRPOConfig.from_dict(check_config({"grpo": {"rollout_batch_size": 6}})["grpo"], "grpo")
+    assert (grpo.batch_size, grpo.n_minibatches, grpo.clip_range_high) == (6, 1, grpo.clip_range)
+    ppo = PPOConfig.from_dict(check_config({"ppo": {"rollout_batch_size": 64, "batch_size": 16,
+                                                    "ppo_epochs": 2}})["ppo"], "ppo")
+    assert (ppo.n_minibatches, ppo.steps_per_iteration) == (4, 8)
+
+
+@pytest.mark.parametrize("old", sorted(RENAMED))
+def test_a_renamed_key_is_an_error_naming_its_replacement(old):
+    section, key = old.split(".")
+    with pytest.raises(LmforgeError, match=rf"^config key '{old}' ") as e:
+        check_config({section: {key: 1}})
+    new = RENAMED[old]
+    if " " not in new:  # a plain rename: the message names the new key, and the new key is valid
+        assert str(e.value) == f"config key '{old}' was renamed to '{new}'"
+        assert new.split(".")[1] in load_schema()["properties"][section]["properties"]
+
+
+@pytest.mark.parametrize("old, says", [
+    ("dpo.clip_range", "'dpo.beta'"), ("dpo.mini_batch_size", "'dpo.grad_accum_steps'"),
+    ("ppo.mini_batch_size", "'ppo.rollout_batch_size'"), ("grpo.mini_batch_size", "'grpo.batch_size'"),
+    ("sft.eval_steps", "delete the key"), ("reward.eval_steps", "delete the key"),
+])
+def test_a_removed_key_says_what_to_do(old, says):
+    section, key = old.split(".")
+    with pytest.raises(LmforgeError, match=f"config key '{old}'") as e:
+        check_config({section: {key: 1}})
+    assert says in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_renamed_key_in_a_file_names_the_file(tmp_path):
+    f = tmp_path / "old.yaml"
+    f.write_text("grpo:\n  grpo_temperature: 0.7\n")
+    with pytest.raises(LmforgeError, match=rf"^{f}: config key 'grpo.grpo_temperature' was renamed to 'grpo.temperature'$"):
+        load_config(f)
+
+
+def test_every_schema_key_has_a_description():
+    # The config reference page is generated from these.
+    missing = []
+
+    def walk(node: dict, path: str) -> None:
+        for key, sub in node.get("properties", {}).items():
+            if not sub.get("description"):
+                missing.append(f"{path}{key}")
+            walk(sub, f"{path}{key}.")
+        for branch in node.get("anyOf", []) + node.get("oneOf", []):
+            walk(branch, path)
+
+    walk(load_schema(), "")
+    assert missing == []
+
+
+def test_checking_the_default_config_does_not_import_torch():
+    code = ("import sys, lmforge.config as c; c.load_config('config/config.yaml'); "
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('lmforge'))")
+    subprocess.run([sys.executable, "-c", code], cwd=DEFAULT.parents[1], check=True)
+
+
+def test_the_stage_modules_read_their_section_classes_from_one_place():
+    # lmforge.model, lmforge.lora, lmforge.rewards and the train modules re-export the torch-free classes.
+    from lmforge import sections
+    from lmforge.lora import LoraConfig
+    from lmforge.model import ModelConfig
+    from lmforge.rewards import RewardSpec
+    from lmforge.train.grpo import GRPOConfig
+    from lmforge.train.star import StarConfig
+
+    assert (LoraConfig, RewardSpec, GRPOConfig, StarConfig) == (
+        sections.LoraConfig, sections.RewardSpec, sections.GRPOConfig, sections.StarConfig)
+    assert ModelConfig is sections.ModelConfig
+    config = check_config({"model": {"d_model": 64}})
+    assert sections.SECTIONS["model"].check_config(config, "model") == ModelConfig.from_section(config["model"])
 
 
 @pytest.mark.parametrize("lora,message", [
@@ -199,23 +283,23 @@ def test_new_training_knobs_name_their_key(override, message):
 def test_snakemake_config_text_is_typed_by_the_schema():
     # What `--config 'eval={...}' 'seeds=[1, 2]'` hands the Snakefile: YAML's base loader keeps
     # every nested scalar as text.
-    from lmforge.workflow import coerce_strings
+    from lmforge.config import coerce_strings
 
-    text = {"seeds": ["1", "2"], "eval": {"pass_k": "0", "stages": ["sft", "dpo"]},
+    text = {"seeds": ["1", "2"], "eval": {"samples_per_prompt": "0", "stages": ["sft", "dpo"]},
             "pretrain": {"lr": "1e-4", "compile": "true", "resume_from": "null"},
             "threads": "~", "grpo": {"lora": {"r": "8", "alpha": "16"}, "beta": "0"},
             "dpo": {"on_policy": "true", "loss_type": "ipo"}, "tokenizer": {"path": "123"},
             "resources": {"sft": {"mem_mb": "8000", "runtime": "2h"}}}
     typed = coerce_strings(text, load_schema())
-    assert typed == {"seeds": [1, 2], "eval": {"pass_k": 0, "stages": ["sft", "dpo"]},
+    assert typed == {"seeds": [1, 2], "eval": {"samples_per_prompt": 0, "stages": ["sft", "dpo"]},
                      "pretrain": {"lr": 1e-4, "compile": True, "resume_from": None},
                      "threads": None, "grpo": {"lora": {"r": 8, "alpha": 16}, "beta": 0.0},
                      "dpo": {"on_policy": True, "loss_type": "ipo"}, "tokenizer": {"path": "123"},
                      "resources": {"sft": {"mem_mb": 8000, "runtime": "2h"}}}
-    assert type(typed["grpo"]["lora"]["alpha"]) is float and type(typed["eval"]["pass_k"]) is int
+    assert type(typed["grpo"]["lora"]["alpha"]) is float and type(typed["eval"]["samples_per_prompt"]) is int
     apply_schema(typed)  # valid now
     # Text that spells no allowed type stays text, and validation names its key.
-    bad = coerce_strings({"eval": {"pass_k": "eight"}}, load_schema())
-    assert bad == {"eval": {"pass_k": "eight"}}
-    with pytest.raises(LmforgeError, match=r"config key 'eval.pass_k': expected integer, got 'eight'"):
+    bad = coerce_strings({"eval": {"samples_per_prompt": "eight"}}, load_schema())
+    assert bad == {"eval": {"samples_per_prompt": "eight"}}
+    with pytest.raises(LmforgeError, match=r"config key 'eval.samples_per_prompt': expected integer, got 'eight'"):
         apply_schema(bad)

@@ -1,13 +1,14 @@
 """Load, default and check the pipeline config.
 
 One schema (``config.schema.yaml`` beside this file, also used by Snakemake's
-``validate()``) gives types, allowed values and defaults; ``check_config`` adds
-the cross-field rules a schema cannot express. Every message names the key.
+``validate()``) gives types, allowed values and defaults; each section's rules
+between keys live in its config class (``lmforge.sections``), which
+``check_config`` runs one by one. A key that was renamed is an error naming its
+new name. Every message names the key. Torch-free.
 """
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,31 @@ import jsonschema
 import yaml
 
 from lmforge.errors import LmforgeError
+from lmforge.sections import SECTIONS, TrainConfig  # noqa: F401 (TrainConfig: re-exported)
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
-TRAIN_SECTIONS = ("pretrain", "sft", "reward", "dpo", "ppo", "grpo", "star")
-REWARD_SECTIONS = ("score", "ppo", "grpo")  # sections with a reward_fn
+
+# Keys that were renamed or removed: old dotted key -> its new dotted key, or a sentence saying what
+# to do instead. Checked before the schema, so that an old config fails with the way forward.
+RENAMED = {
+    "grpo.grpo_temperature": "grpo.temperature",
+    "grpo.group_size": "grpo.samples_per_prompt",
+    "score.k": "score.samples_per_prompt",
+    "star.k": "star.samples_per_prompt",
+    "eval.pass_k": "eval.samples_per_prompt",
+    "grpo.epsilon": "grpo.clip_range",
+    "grpo.epsilon_high": "grpo.clip_range_high",
+    "dpo.clip_range": "was an alias of 'dpo.beta' and is removed: set 'dpo.beta'",
+    "dpo.mini_batch_size": "is removed: 'dpo.batch_size' now counts the pairs of one forward-backward pass and "
+                           "'dpo.grad_accum_steps' the passes per optimizer step (old batch_size B, mini_batch_size M: "
+                           "batch_size M, grad_accum_steps B/M)",
+    "ppo.mini_batch_size": "was renamed to 'ppo.batch_size' (rollouts per optimizer step), and the old "
+                           "'ppo.batch_size' (prompts per iteration) to 'ppo.rollout_batch_size'",
+    "grpo.mini_batch_size": "was renamed to 'grpo.batch_size' (prompts per optimizer step), and the old "
+                            "'grpo.batch_size' (prompts per iteration) to 'grpo.rollout_batch_size'",
+    **{f"{stage}.eval_steps": f"is removed: {stage} never used it (its evaluation covers the whole held-out "
+                              f"split); delete the key" for stage in ("sft", "reward", "ppo", "grpo", "star")},
+}
 
 
 def load_schema() -> dict:
@@ -62,12 +84,23 @@ def _message(error: jsonschema.ValidationError) -> str:
     return f"config key '{key}': {error.message}"
 
 
+def reject_renamed(config: dict) -> dict:
+    """Raise on the first key of ``RENAMED`` that ``config`` sets, naming what replaces it; else return ``config``."""
+    for old, new in RENAMED.items():
+        section, key = old.split(".")
+        if isinstance(config.get(section), dict) and key in config[section]:
+            how = f"was renamed to '{new}'" if " " not in new else new
+            raise LmforgeError(f"config key '{old}' {how}")
+    return config
+
+
 def apply_schema(config: dict) -> dict:
     """Return a copy of ``config`` with defaults filled in, or raise on the first schema error."""
     schema = load_schema()
     config = copy.deepcopy(config or {})
     if not isinstance(config, dict):
         raise LmforgeError("the config must be a mapping of sections (model:, pretrain:, …)")
+    reject_renamed(config)
     # Report errors before filling defaults so an unknown key is not drowned by others.
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), _key_of(e)))
@@ -78,57 +111,11 @@ def apply_schema(config: dict) -> dict:
 
 
 def check_config(config: dict) -> dict:
-    """Schema + defaults + cross-field rules. Returns the completed config."""
+    """Schema + defaults + every section's own rules (``lmforge.sections.SECTIONS``). Returns the completed config."""
     config = apply_schema(config)
-    from lmforge.model import ModelConfig  # local: model imports torch
-
-    init_from = config["model"].get("init_from")
-    ModelConfig.from_section(config["model"])
-    tok = config["tokenizer"]
-    if init_from:  # the imported model brings its tokenizer and its shape
-        from lmforge.hf import check_init_from
-
-        if tok["type"] == "pretrained":
-            raise LmforgeError("config keys 'model.init_from' and 'tokenizer.type: pretrained' conflict: "
-                               "an imported model comes with its own tokenizer; remove one of them")
-        check_init_from(init_from)
-    elif tok["type"] == "bpe" and tok["vocab_size"] > config["model"]["vocab_size"]:
-        raise LmforgeError(
-            f"config key 'tokenizer.vocab_size' ({tok['vocab_size']}) exceeds "
-            f"'model.vocab_size' ({config['model']['vocab_size']})")
-    if tok["type"] == "pretrained" and not tok["path"]:
-        raise LmforgeError("config key 'tokenizer.path' is required when tokenizer.type is 'pretrained'")
-    for section in TRAIN_SECTIONS:
-        if section in config:
-            TrainConfig.from_dict(config[section], key=section)
-    from lmforge.rewards import RewardSpec
-
-    for section in REWARD_SECTIONS:
-        RewardSpec.from_dict(config[section]["reward_fn"], key=f"{section}.reward_fn")
-    for section in ("dpo", "ppo", "grpo"):
-        minibatches(config[section], section)
-    from lmforge.train.dpo import check_section
-
-    check_section(config["dpo"])
-    grpo = config["grpo"]
-    if grpo["group_size"] < 2:
-        raise LmforgeError(f"config key 'grpo.group_size' is 1 (with 'grpo.scale_rewards': {grpo['scale_rewards']}): "
-                           f"an advantage is a reward minus its group's mean, so a group of one sample always has "
-                           f"advantage 0 (and no std to scale by); use group_size >= 2")
+    for key, section_class in SECTIONS.items():
+        section_class.check_config(config, key)
     return config
-
-
-def minibatches(section: dict, key: str) -> int:
-    """How many mini-batches one batch splits into (DPO, PPO, GRPO); mini_batch_size null = the whole batch."""
-    batch, mini = section["batch_size"], section.get("mini_batch_size") or section["batch_size"]
-    if batch % mini:
-        raise LmforgeError(f"config key '{key}.mini_batch_size' ({mini}) must divide '{key}.batch_size' ({batch})")
-    accum = section.get("grad_accum_steps", 1)
-    if accum != 1:
-        raise LmforgeError(f"config key '{key}.grad_accum_steps' ({accum}) is not used by {key}: "
-                           f"'{key}.batch_size' / '{key}.mini_batch_size' set how a batch is split; remove it")
-    return batch // mini
-
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> dict:
@@ -159,49 +146,55 @@ def load_config(path: str | Path, overrides: dict | None = None) -> dict:
         raise LmforgeError(f"{path}: {e}") from None
 
 
-@dataclass
-class TrainConfig:
-    """The knobs every gradient-based stage shares (see config.schema.yaml for meanings)."""
+def _branches(schema: dict) -> list[dict]:
+    """The schema and the alternatives of its anyOf/oneOf."""
+    return [schema, *schema.get("anyOf", []), *schema.get("oneOf", [])]
 
-    optimizer: str = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    scheduler: str = "cosine"
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1
-    lr_power: float = 1.0
-    batch_size: int = 16
-    grad_accum_steps: int = 1
-    max_steps: int = 100
-    grad_clip: float = 1.0
-    eval_every: int = 50
-    eval_steps: int = 10
-    patience: int = 0
-    save_best_only: bool = True
-    checkpoint_every: int = 50
-    log_every: int = 10
-    resume: bool = True
-    resume_from: str | None = None
-    resume_optimizer: bool = True
 
-    @classmethod
-    def from_dict(cls, section: dict[str, Any], key: str) -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
-        cfg = cls(**{k: v for k, v in section.items() if k in names})
-        if cfg.max_steps and cfg.warmup_steps >= cfg.max_steps:  # (max_steps 0 trains nothing: no schedule)
-            raise LmforgeError(
-                f"config key '{key}.warmup_steps' ({cfg.warmup_steps}) must be smaller than "
-                f"'{key}.max_steps' ({cfg.max_steps})")
-        if cfg.batch_size < 1 or cfg.grad_accum_steps < 1:
-            raise LmforgeError(f"config keys '{key}.batch_size' and '{key}.grad_accum_steps' must be positive")
-        return cfg
+def _scalar_from_text(text: str, types: set[str]) -> Any:
+    """``text`` as the first of the schema's types it spells, else ``text`` unchanged."""
+    if "integer" in types:
+        try:
+            return int(text)
+        except ValueError:
+            pass
+    if "number" in types:
+        try:
+            return float(text)
+        except ValueError:
+            pass
+    if "boolean" in types and text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return text
 
-    @staticmethod
-    def split(section: dict[str, Any]) -> tuple[dict, dict]:
-        """Split a stage section into (shared training knobs, stage-specific knobs)."""
-        names = {f.name for f in fields(TrainConfig)}
-        return ({k: v for k, v in section.items() if k in names},
-                {k: v for k, v in section.items() if k not in names})
+
+def coerce_strings(value: Any, schema: dict) -> Any:
+    """``value`` with text turned into the integers, numbers, booleans and nulls its schema asks for.
+
+    Snakemake reads ``--config 'eval={"pass_k": 0}'`` and ``--config 'seeds=[1, 2]'`` with
+    YAML's base loader, which leaves every nested scalar a string ("0", "1"). "null" and "~"
+    become None wherever the schema allows null; otherwise, where it allows a string the text
+    stays as it is, and text that spells none of the allowed types stays too, so that
+    validation names its key.
+    """
+    branches = _branches(schema)
+    if isinstance(value, dict):
+        shape = next((b for b in branches if "properties" in b or "additionalProperties" in b), {})
+        props, extra = shape.get("properties", {}), shape.get("additionalProperties")
+        return {k: coerce_strings(v, props.get(k, extra if isinstance(extra, dict) else {}))
+                for k, v in value.items()}
+    if isinstance(value, list):
+        items = next((b["items"] for b in branches if isinstance(b.get("items"), dict)), {})
+        return [coerce_strings(v, items) for v in value]
+    if not isinstance(value, str):
+        return value
+    types = set()
+    for b in branches:
+        kind = b.get("type", [])
+        types |= {kind} if isinstance(kind, str) else set(kind)
+    if "null" in types and value.lower() in ("null", "~"):  # YAML's null, even where a string is allowed
+        return None
+    for member in (m for b in branches for m in b.get("enum", []) if not isinstance(m, str)):
+        if value.lower() == ("null" if member is None else str(member).lower()):
+            return member  # on_policy: [false, true, mixed] has no type, only its members
+    return value if "string" in types else _scalar_from_text(value, types)

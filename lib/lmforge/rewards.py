@@ -20,50 +20,9 @@ import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.loader import build_model, read_checkpoint
+from lmforge.sections import RewardSpec, unanswered  # noqa: F401 (unanswered: re-exported)
 from lmforge.tasks import answer_credit, is_correct
 from lmforge.train.policy import completion_batch
-
-
-def unanswered(records: Sequence[dict]) -> tuple[int, str] | None:
-    """(how many prompts lack a reference answer, where the first is), or None when all have one."""
-    missing = [i for i, r in enumerate(records) if r.get("answer") is None]
-    if not missing:
-        return None
-    return len(missing), records[missing[0]].get("where", f"prompt {missing[0]}")
-
-
-@dataclass
-class RewardSpec:
-    rm: float = 0.0
-    verifiable: float = 0.0
-    partial: float = 0.0
-    hf: float = 0.0
-    hf_model: str | None = None
-
-    @classmethod
-    def from_dict(cls, d: dict, key: str) -> "RewardSpec":
-        spec = cls(**{k: d[k] for k in ("rm", "verifiable", "partial", "hf", "hf_model") if k in d})
-        if spec.rm + spec.verifiable + spec.partial + spec.hf <= 0:
-            raise LmforgeError(f"config key '{key}': every weight (rm, verifiable, partial, hf) is 0, "
-                               f"so there is no reward")
-        if spec.hf > 0 and not spec.hf_model:
-            raise LmforgeError(f"config key '{key}.hf_model' is required when '{key}.hf' is above 0 "
-                               f"(a local folder or hub id of a sequence-classification model)")
-        return spec
-
-    def check_prompts(self, records: Sequence[dict], source: str, key: str) -> None:
-        """The verifiable reward and its partial credit need a reference answer on every prompt."""
-        needs = [name for name in ("verifiable", "partial") if getattr(self, name) > 0]
-        if not needs:
-            return
-        missing = unanswered(records)
-        if missing:
-            weights = " and ".join(f"'{key}.{name}' is {getattr(self, name)}" for name in needs)
-            zero = " and ".join(f"'{key}.{name}: 0'" for name in needs)
-            raise LmforgeError(
-                f"config key {weights}, but {missing[0]} of {len(records)} prompts "
-                f"in {source} have no reference answer (first: {missing[1]})"
-                f"; give every prompt an 'answer' or set {zero}")
 
 
 @dataclass

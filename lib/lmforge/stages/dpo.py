@@ -19,11 +19,11 @@ from lmforge import distributed as dist
 from lmforge.data.builtin import make_task_data
 from lmforge.data.formats import load_preferences
 from lmforge.errors import LmforgeError
+from lmforge.sections import DPOConfig, TrainConfig
 from lmforge.stages.common import load_trainable, publish, resume_fingerprint, run_summary, setup
 from lmforge.stages.reward import builtin_pairs, fitting
 from lmforge.stages.sft import N_SAMPLES, greedy_responses, sample_logger
-from lmforge.train.dpo import (DPOBatches, check_section, dpo_loss, dpo_stats, encode_dpo_pairs, evaluate_dpo,
-                               minibatch_config, reference_logprobs, resolve_beta)
+from lmforge.train.dpo import DPOBatches, dpo_loss, dpo_stats, encode_dpo_pairs, evaluate_dpo, reference_logprobs
 from lmforge.train.loop import final_weights, train
 from lmforge.train.policy import load_reference
 
@@ -59,10 +59,9 @@ def train_pairs(section: dict, inputs: dict, task_data: dict, tok, seq: int) -> 
 def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
     device = setup(env, params["seed"])
     section = params["dpo"]
-    check_section(section)
-    beta = resolve_beta(section)
-    tcfg = minibatch_config(section, key="dpo")
-    dist.check_batch(tcfg.batch_size, "dpo.mini_batch_size" if section.get("mini_batch_size") else "dpo.batch_size")
+    beta = float(DPOConfig.from_dict(section, key="dpo").beta)
+    tcfg = TrainConfig.from_dict(section, key="dpo")
+    dist.check_batch(tcfg.batch_size, "dpo.batch_size")
     loss_kw = dict(beta=beta, loss_type=section["loss_type"], label_smoothing=section["label_smoothing"])
     # LoRA: the policy starts as the base exactly (B = 0)
     policy, tok, ckpt = load_trainable(inputs["policy"], section, "dpo", device)

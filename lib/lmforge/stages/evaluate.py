@@ -145,7 +145,8 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
                 bytes_per_token=meta["val_bytes_per_token"], max_new_tokens=ecfg["max_new_tokens"],
                 seed=params["seed"], batch_size=ecfg["batch_size"],
                 # The reference against itself: KL 0 and win rate 1/2 by definition, no need to measure.
-                reference=None if is_ref else ref_model, reference_answers=ref_answers, pass_k=ecfg["pass_k"])
+                reference=None if is_ref else ref_model, reference_answers=ref_answers,
+                pass_k=ecfg["samples_per_prompt"])
             if is_ref:
                 ref_answers = answers[stage]
                 metrics.update({"win_rate": 0.5, "wins": 0, "ties": len(records), "losses": 0, "kl_to_sft": 0.0})
@@ -158,7 +159,8 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
         wall = time.perf_counter() - t0
 
         summary = {"stages": per_stage, "reference": reference, "n_prompts": len(records),
-                   "tasks": dict(sorted(Counter(r["task"] for r in records).items())), "pass_k": ecfg["pass_k"],
+                   "tasks": dict(sorted(Counter(r["task"] for r in records).items())),
+                   "pass_k": ecfg["samples_per_prompt"],  # the k of the pass@k metric
                    "n_skipped": len(heldout) - len(records), "max_new_tokens": ecfg["max_new_tokens"],
                    "reward_model": str(inputs["reward_model"]), "notes": notes, "timing_s": timing,
                    "wall_s": wall, "device": str(device), "mlflow_run_id": run.run_id}

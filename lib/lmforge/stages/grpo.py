@@ -23,7 +23,7 @@ from lmforge.data.builtin import make_task_data
 from lmforge.data.formats import load_prompts
 from lmforge.device import autocast
 from lmforge.errors import LmforgeError
-from lmforge.rewards import RewardFunction, RewardSpec
+from lmforge.rewards import RewardFunction
 from lmforge.stages.common import load_trainable, publish, resume_fingerprint, run_summary, setup
 from lmforge.stages.sft import N_SAMPLES, greedy_responses, sample_logger
 from lmforge.tasks import is_correct, is_dismissive
@@ -80,9 +80,9 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
     device = setup(env, params["seed"])
     section = params["grpo"]
     cfg = GRPOConfig.from_dict(section, key="grpo")
-    # The loop's step is one mini-batch of whole groups; nothing to accumulate.
-    tcfg = TrainConfig.from_dict({**section, "batch_size": cfg.mini_batch_size, "grad_accum_steps": 1}, key="grpo")
-    spec = RewardSpec.from_dict(section["reward_fn"], key="grpo.reward_fn")
+    # The loop's step is one forward-backward pass of batch_size whole groups (batch_size null resolved).
+    tcfg = TrainConfig.from_dict({**section, "batch_size": cfg.batch_size}, key="grpo")
+    spec = cfg.reward_fn
 
     # ---- data: checked before any model is loaded ---------------------------------
     task_data = make_task_data(params["data"]["builtin"], params["seed"])
@@ -101,11 +101,11 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
     reward_fn = RewardFunction(spec, policy_tokenizer=tok, reward_model_path=inputs.get("reward_model"),
                                device=device, key="grpo.reward_fn")
     print(f"grpo: {len(prompts)} prompts from {source} ({len(records) - len(prompts)} too long), "
-          f"{cfg.batch_size} x {cfg.group_size} samples per iteration, {cfg.steps_per_iteration} steps each, "
+          f"{cfg.rollout_batch_size} x {cfg.samples_per_prompt} samples per iteration, {cfg.steps_per_iteration} steps each, "
           f"reference: {reference_path or 'none (beta 0)'}, on {device}")
 
     # ---- rollouts, scheduled inside the loop ----------------------------------------
-    stream = prompt_stream(prompts, cfg.batch_size * cfg.oversample, params["seed"])
+    stream = prompt_stream(prompts, cfg.rollout_batch_size * cfg.oversample, params["seed"])
     sampled: dict = {}  # statistics of the current iteration's sampling, logged with each of its steps
 
     def rollout(iteration: int):
@@ -121,8 +121,8 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
         loss, metrics = grpo_loss(m, batch, cfg)
         return loss, {**metrics, **sampled}
 
-    schedule = RolloutSchedule(rollout, n_rows=cfg.batch_size * cfg.group_size, n_minibatches=cfg.n_minibatches,
-                               ppo_epochs=cfg.ppo_epochs, seed=params["seed"], rows_per_unit=cfg.group_size)
+    schedule = RolloutSchedule(rollout, n_rows=cfg.rollout_batch_size * cfg.samples_per_prompt, n_minibatches=cfg.n_minibatches,
+                               ppo_epochs=cfg.ppo_epochs, seed=params["seed"], rows_per_unit=cfg.samples_per_prompt)
 
     def eval_fn(m) -> dict:
         responses = greedy_responses(m, tok, [r["prompt"] for r in val_records])

@@ -136,16 +136,16 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
                                policy=policy)
     reward_fn = RewardFunction(spec, policy_tokenizer=tok, reward_model_path=inputs.get("reward_model"),
                                device=device, key="ppo.reward_fn")
-    batch_size = section["batch_size"]
-    kl = KLController(s.kl_coef, s.kl_target, s.kl_horizon, n=batch_size)
+    rollouts = section["rollout_batch_size"]  # per iteration
+    kl = KLController(s.kl_coef, s.kl_target, s.kl_horizon, n=rollouts)
     model = PolicyAndValue(policy, value_model=section["value_model"], kl=kl).to(device)
-    print(f"ppo: {len(prompts)} prompts from {source}, {batch_size} rollouts per iteration, "
+    print(f"ppo: {len(prompts)} prompts from {source}, {rollouts} rollouts per iteration, "
           f"{n_minibatches * section['ppo_epochs']} optimizer steps per iteration, value model "
           f"{section['value_model']}, {len(val_records)} held out, on {device}")
 
     gen = dict(max_new_tokens=section["max_new_tokens"], missing_eos_penalty=s.missing_eos_penalty, device=device)
     sampled = dict(s=s, section=section, seed=params["seed"], device=device)
-    next_prompts = prompt_stream(prompts, batch_size, params["seed"])
+    next_prompts = prompt_stream(prompts, rollouts, params["seed"])
     rollout_stats: dict = {}
     iterations: list[dict] = []
 
@@ -168,7 +168,7 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
         iterations.append({"iteration": iteration, **stats})
         return ro
 
-    schedule = RolloutSchedule(make_rollout, n_rows=batch_size, n_minibatches=n_minibatches,
+    schedule = RolloutSchedule(make_rollout, n_rows=rollouts, n_minibatches=n_minibatches,
                                ppo_epochs=section["ppo_epochs"], seed=params["seed"])
 
     def loss_fn(m: PolicyAndValue, batch: dict):

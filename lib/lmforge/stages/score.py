@@ -1,9 +1,9 @@
 """Score stage: K samples per RL prompt from the SFT policy, each scored by the configured reward.
 
 Prompts are the built-in ``rl_train`` split (``score.data: null``) or a prompt
-record file; the first ``score.n_prompts`` are used. Every prompt gets ``k``
-sampled responses; ``lmforge.rewards.RewardFunction`` scores them with
-``rm * reward model + verifiable * correct + hf * external model``.
+record file; the first ``score.n_prompts`` are used. Every prompt gets
+``score.samples_per_prompt`` (k) sampled responses; ``lmforge.rewards.RewardFunction``
+scores them with ``rm * reward model + verifiable * correct + hf * external model``.
 
 Outputs (all written atomically, the summary last):
 
@@ -97,9 +97,11 @@ def score_prompts(params: dict, tok, max_seq_len: int) -> tuple[list[dict], str,
 
 
 def sample_responses(policy, tok, records: list[dict], section: dict, generator: torch.Generator) -> GenerationOutput:
-    """k responses per record, rows ordered prompt-major (record i's samples are rows i*k .. i*k+k-1)."""
+    """samples_per_prompt (k) responses per record, rows ordered prompt-major (record i's samples are rows
+    i*k .. i*k+k-1)."""
     ids = [prompt_ids(tok, r) for r in records]
-    return generate(policy, [p for p in ids for _ in range(section["k"])], max_new_tokens=section["max_new_tokens"],
+    k = section["samples_per_prompt"]
+    return generate(policy, [p for p in ids for _ in range(k)], max_new_tokens=section["max_new_tokens"],
                     temperature=section["temperature"], top_k=section["top_k"], top_p=section["top_p"],
                     stop_ids=(tok.end_id,), pad_id=tok.pad_id, generator=generator,
                     batch_size=section["batch_size"])
@@ -212,7 +214,7 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
     spec.check_prompts(records, source, KEY)
     reward_fn = RewardFunction(spec, policy_tokenizer=tok, reward_model_path=inputs.get("reward_model"),
                                device=device, key=KEY, batch_size=section["batch_size"])
-    k = section["k"]
+    k = section["samples_per_prompt"]
     print(f"score: {len(records)} prompts from {source} ({n_skipped} left out: prompt too long), k={k}, on {device}")
 
     # Lineage names only what this run read: the reward model when rm is weighted, the prompt file when given.

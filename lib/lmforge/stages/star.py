@@ -75,8 +75,8 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}
     stream = prompt_stream(prompts, cfg.n_prompts, params["seed"])
     print(f"star: {len(prompts)} prompts from {source} ({len(records) - len(prompts)} too long), "
-          f"{cfg.rounds} rounds of {cfg.n_prompts} prompts x {cfg.k} samples, {tcfg.max_steps} SFT steps each, "
-          f"on {device}")
+          f"{cfg.rounds} rounds of {cfg.n_prompts} prompts x {cfg.samples_per_prompt} samples, "
+          f"{tcfg.max_steps} SFT steps each, on {device}")
 
     sample_prompts = [r["prompt"] for r in heldout[:N_SAMPLES]]
     with torch.no_grad(), autocast(device):
@@ -97,9 +97,9 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
             t0 = time.perf_counter()
             gen = torch.Generator(device=device).manual_seed(params["seed"] * 1_000_003 + r)
             with torch.no_grad(), autocast(device):
-                ro = sample_rollout(model, tok, stream(r - 1), n_per_prompt=cfg.k, max_new_tokens=cfg.max_new_tokens,
-                                    temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=gen,
-                                    batch_size=cfg.sample_batch_size, device=device)
+                ro = sample_rollout(model, tok, stream(r - 1), n_per_prompt=cfg.samples_per_prompt,
+                                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                                    top_p=cfg.top_p, generator=gen, batch_size=cfg.sample_batch_size, device=device)
             kept, n_correct = keep_correct(ro.records, ro.responses, ro.finished.tolist(), seen)
             kept_all += kept
             run.log_text("".join(json.dumps(s) + "\n" for s in kept), f"kept/round_{r}.jsonl")
@@ -131,8 +131,8 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
 
             with torch.no_grad(), autocast(device):
                 acc = heldout_metrics(model, tok, heldout)
-            entry = {"round": r, "n_prompts": len(ro) // cfg.k, "n_sampled": len(ro), "n_correct": n_correct,
-                     "n_kept": len(kept), "n_train": len(kept_all),
+            entry = {"round": r, "n_prompts": len(ro) // cfg.samples_per_prompt, "n_sampled": len(ro),
+                     "n_correct": n_correct, "n_kept": len(kept), "n_train": len(kept_all),
                      "prompts_solved": len({json.dumps(s["prompt"]) for s in kept}), **stats,
                      "heldout": acc, "sample_s": t_sample, "train_s": t_train}
             rounds.append(entry)

@@ -28,7 +28,6 @@ from typing import Iterable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from lmforge.config import TrainConfig, minibatches
 from lmforge.device import autocast
 from lmforge.errors import LmforgeError
 from lmforge.train.policy import CompletionBatch, completion_batch, sequence_logprobs
@@ -36,42 +35,6 @@ from lmforge.train.reward import encode_pairs
 from lmforge.train.sft import epoch_order
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
-DEFAULT_BETA = 0.5
-
-
-# --------------------------------------------------------------------------- config
-
-
-def resolve_beta(section: dict, key: str = "dpo") -> float:
-    """``beta``, or its alias ``clip_range``, or DEFAULT_BETA; both set to different values is an error."""
-    beta, alias = section.get("beta"), section.get("clip_range")
-    if beta is not None and alias is not None and beta != alias:
-        raise LmforgeError(f"config keys '{key}.beta' ({beta}) and '{key}.clip_range' ({alias}) are both set "
-                           f"and differ; '{key}.clip_range' is an alias of '{key}.beta': set only one")
-    if beta is not None:
-        return float(beta)
-    return float(alias) if alias is not None else DEFAULT_BETA
-
-
-def minibatch_config(section: dict, key: str) -> TrainConfig:
-    """The loop's ``TrainConfig`` for a stage whose ``batch_size`` counts items per optimizer step
-    and ``mini_batch_size`` items per forward pass (null: all at once).
-
-    The loop sees ``batch_size = mini_batch_size`` and ``grad_accum_steps =
-    batch_size // mini_batch_size``, so the knob a user sets is the effective batch.
-    """
-    n_mini = minibatches(section, key)
-    mini = section["batch_size"] // n_mini
-    return TrainConfig.from_dict({**section, "batch_size": mini, "grad_accum_steps": n_mini}, key=key)
-
-
-def check_section(section: dict, key: str = "dpo") -> None:
-    """Every cross-field rule of a dpo section, for config checking before any work."""
-    resolve_beta(section, key)
-    minibatch_config(section, key)
-    if section.get("label_smoothing") and section.get("loss_type", "sigmoid") != "sigmoid":
-        raise LmforgeError(f"config key '{key}.label_smoothing' ({section['label_smoothing']}) applies only to "
-                           f"loss_type sigmoid, not {section['loss_type']!r}")
 
 
 # --------------------------------------------------------------------------- losses (pure)

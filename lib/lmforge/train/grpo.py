@@ -1,7 +1,7 @@
 """Group Relative Policy Optimization: group advantages, the clipped loss, rollouts with their extras.
 
 GRPO (Shao et al. 2024, DeepSeekMath) drops PPO's value function: each prompt
-is answered ``group_size`` times and a response's advantage is its reward
+is answered ``samples_per_prompt`` times and a response's advantage is its reward
 relative to the other answers to the same prompt,
 
     A_i = (r_i - mean(r_group)) / scale,   scale = std(r_group) + 1e-4   (scale_rewards: group)
@@ -11,7 +11,7 @@ relative to the other answers to the same prompt,
 the same for every token of response i. Per response token, with
 ``ratio = exp(logp - old_logp)``,
 
-    loss_t = -min(ratio * A, clip(ratio, 1 - epsilon, 1 + epsilon_high) * A) + beta * k3_t
+    loss_t = -min(ratio * A, clip(ratio, 1 - clip_range, 1 + clip_range_high) * A) + beta * k3_t
     k3_t   = exp(ref_t - logp_t) - (ref_t - logp_t) - 1        (an unbiased, non-negative KL estimate)
 
 and the per-token losses are averaged by ``loss_type``:
@@ -21,13 +21,13 @@ and the per-token losses are averaged by ``loss_type``:
 * ``dr_grpo``: sum over all tokens / (n_responses * max_new_tokens), a constant
   normaliser, so length earns no bias (Liu et al. 2025, "Understanding R1-Zero");
 * ``dapo``: sum over all tokens / number of response tokens (Yu et al. 2025);
-  with ``epsilon_high > epsilon`` that is DAPO's token-level loss and clip-higher.
+  with ``clip_range_high > clip_range`` that is DAPO's token-level loss and clip-higher.
 
-Batch terms. ``batch_size`` prompts are sampled per *iteration*, each
-``group_size`` times at ``grpo_temperature``; ``mini_batch_size`` prompts (whole
+Batch terms. ``rollout_batch_size`` prompts are sampled per *iteration*, each
+``samples_per_prompt`` times at ``temperature``; ``batch_size`` prompts (whole
 groups, so group statistics stay meaningful) train one optimizer step (null:
 all of them); ``ppo_epochs`` passes over the iteration's rollouts. One iteration
-is ``ppo_epochs * batch_size / mini_batch_size`` optimizer steps and
+is ``ppo_epochs * rollout_batch_size / batch_size`` optimizer steps and
 ``max_steps`` counts optimizer steps. ``old_logp`` is the sampling policy's
 log-prob, computed once per iteration; when an iteration is a single step the
 policy has not moved yet, so it equals ``logp.detach()`` and is not computed.
@@ -43,79 +43,23 @@ advantage alone.
 
 Dynamic sampling (DAPO). A group whose answers all score the same has advantage
 0 and only costs compute; when correct answers are rare most groups are like
-that. With ``oversample`` k > 1, up to k * batch_size prompts are sampled,
-batch_size at a time, until batch_size groups with differing rewards are found,
+that. With ``oversample`` k > 1, up to k * rollout_batch_size prompts are sampled,
+rollout_batch_size at a time, until rollout_batch_size groups with differing rewards are found,
 and those are trained on (topped up with equal-reward groups if too few).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from lmforge.config import minibatches
-from lmforge.errors import LmforgeError
+from lmforge.sections import GRPO_SCALE_REWARDS as SCALE_REWARDS
+from lmforge.sections import GRPOConfig  # the grpo section: its knobs and rules
 from lmforge.train.policy import CompletionBatch, completion_batch, masked_mean, token_logprobs
 from lmforge.tasks import equation_steps
 from lmforge.train.rollout import Rollout, sample_rollout
 
-LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
-SCALE_REWARDS = ("group", "batch", "none")
 STD_EPS = 1e-4  # added to the std before dividing: a group whose rewards barely differ must not explode
-
-
-@dataclass
-class GRPOConfig:
-    """The grpo section's algorithm knobs (the training knobs go to TrainConfig)."""
-
-    batch_size: int  # prompts per iteration
-    mini_batch_size: int  # prompts (whole groups) per optimizer step
-    ppo_epochs: int  # passes over an iteration's rollouts
-    group_size: int  # samples per prompt
-    temperature: float  # sampling temperature; log-probs are taken at the same temperature
-    max_new_tokens: int
-    top_k: int
-    top_p: float
-    scale_rewards: str  # group | batch | none
-    epsilon: float  # lower clip range
-    epsilon_high: float  # upper clip range (DAPO's clip-higher when above epsilon)
-    beta: float  # weight of the k3 KL to the reference; 0: no reference at all
-    loss_type: str  # grpo | dr_grpo | dapo
-    oversample: int = 1  # sample up to this many batches of prompts to find groups whose rewards differ
-    step_reward: float = 0.0  # weight of the per-equation process advantage (0: outcome supervision only)
-
-    @classmethod
-    def from_dict(cls, section: dict, key: str = "grpo") -> "GRPOConfig":
-        """From a schema-completed grpo section; errors name the config keys."""
-        n_mb = minibatches(section, key)  # mini_batch_size must divide batch_size; no grad_accum_steps
-        group, scale = section["group_size"], section["scale_rewards"]
-        if group < 2:
-            # The baseline is the group's own mean, so a group of one always has advantage 0,
-            # and under 'group' scaling its std is undefined as well.
-            raise LmforgeError(
-                f"config keys '{key}.group_size' ({group}) and '{key}.scale_rewards' ({scale}) leave nothing to "
-                f"learn: a group of one sample has no spread (no std), and its advantage, reward - group mean, "
-                f"is always 0; set '{key}.group_size' to 2 or more")
-        for name, allowed in (("loss_type", LOSS_TYPES), ("scale_rewards", SCALE_REWARDS)):
-            if section[name] not in allowed:
-                raise LmforgeError(f"config key '{key}.{name}': {section[name]!r} is not allowed "
-                                   f"(choose from {', '.join(allowed)})")
-        eps, eps_high = section["epsilon"], section["epsilon_high"]
-        return cls(batch_size=section["batch_size"], mini_batch_size=section["batch_size"] // n_mb,
-                   ppo_epochs=section["ppo_epochs"], group_size=group, temperature=section["grpo_temperature"],
-                   max_new_tokens=section["max_new_tokens"], top_k=section["top_k"], top_p=section["top_p"],
-                   scale_rewards=scale, epsilon=eps, epsilon_high=eps if eps_high is None else eps_high,
-                   beta=section["beta"], loss_type=section["loss_type"], oversample=section.get("oversample", 1),
-                   step_reward=section.get("step_reward", 0.0))
-
-    @property
-    def n_minibatches(self) -> int:
-        return self.batch_size // self.mini_batch_size
-
-    @property
-    def steps_per_iteration(self) -> int:
-        return self.ppo_epochs * self.n_minibatches
 
 
 # --------------------------------------------------------------------------- pure math
@@ -249,18 +193,19 @@ def informative_groups(rewards: torch.Tensor, group_size: int, n_keep: int) -> l
 
 def make_rollout(policy, tok, records: Sequence[dict], cfg: GRPOConfig, reward_fn, *, reference=None,
                  generator: torch.Generator | None = None, device=None) -> tuple[Rollout, dict]:
-    """Sample ``group_size`` answers per prompt, score them, keep ``batch_size`` groups, attach what the loss needs.
+    """Sample ``samples_per_prompt`` answers per prompt, score them, keep ``rollout_batch_size`` groups,
+    attach what the loss needs.
 
-    records: ``batch_size * oversample`` prompts. They are sampled ``batch_size`` at
-    a time until ``batch_size`` groups with differing rewards are found or the
+    records: ``rollout_batch_size * oversample`` prompts. They are sampled ``rollout_batch_size``
+    at a time until ``rollout_batch_size`` groups with differing rewards are found or the
     records run out (DAPO's dynamic sampling; with oversample 1 one round, all kept).
-    ``extra`` of the kept rows (N = batch_size * group_size): advantages, rewards,
+    ``extra`` of the kept rows (N = rollout_batch_size * samples_per_prompt): advantages, rewards,
     correct (nan where no reference answer), group_std, truncated (1: hit
     max_new_tokens), all (N,); ref_logps (N, T-1) when a reference is given;
     old_logps (N, T-1) when an iteration takes more than one optimizer step.
     Also returns statistics of everything sampled (before the selection).
     """
-    G, B = cfg.group_size, cfg.batch_size
+    G, B = cfg.samples_per_prompt, cfg.rollout_batch_size
     rows = {"records": [], "prompt_ids": [], "response_ids": [], "responses": [], "finished": [], "rewards": [],
             "correct": []}
     for start in range(0, len(records), B):
@@ -297,7 +242,7 @@ def make_rollout(policy, tok, records: Sequence[dict], cfg: GRPOConfig, reward_f
     extra = {"advantages": advantages, "rewards": rewards,
              "correct": torch.tensor(pick["correct"]), "group_std": group_std(rewards, G),
              "truncated": (~ro.finished).float()}
-    chunk = cfg.mini_batch_size * G
+    chunk = cfg.batch_size * G
     if reference is not None:
         extra["ref_logps"] = chunked_logprobs(reference, ro.batch, temperature=cfg.temperature, chunk=chunk)
     if cfg.steps_per_iteration > 1:
@@ -310,7 +255,7 @@ def token_advantages(outcome: torch.Tensor, steps: Sequence[Sequence[tuple[int, 
                      cfg: GRPOConfig) -> torch.Tensor:
     """(N, T-1) advantages over the rollout batch's target positions: outcome + step_reward * process,
     from each row's outcome advantage (N,) and its steps (``response_steps``)."""
-    process = process_advantages(steps, cfg.group_size, max(len(ids) for ids in ro.response_ids),
+    process = process_advantages(steps, cfg.samples_per_prompt, max(len(ids) for ids in ro.response_ids),
                                  cfg.scale_rewards)
     mask = ro.batch.response_mask.bool()  # each row's response tokens, in order, where completion_batch put them
     out = outcome[:, None].to(torch.float).repeat(1, mask.shape[1])
@@ -327,8 +272,8 @@ def grpo_loss(model, batch: dict, cfg: GRPOConfig) -> tuple[torch.Tensor, dict]:
     mask = cb.response_mask
     logp = token_logprobs(model, cb, temperature=cfg.temperature)
     old = batch["old_logps"] if "old_logps" in batch else logp.detach()
-    per_token, low, high = clipped_surrogate(logp, old, batch["advantages"], epsilon=cfg.epsilon,
-                                             epsilon_high=cfg.epsilon_high)
+    per_token, low, high = clipped_surrogate(logp, old, batch["advantages"], epsilon=cfg.clip_range,
+                                             epsilon_high=cfg.clip_range_high)
     metrics = {}
     if cfg.beta > 0:
         kl = k3_kl(logp, batch["ref_logps"])
@@ -336,7 +281,7 @@ def grpo_loss(model, batch: dict, cfg: GRPOConfig) -> tuple[torch.Tensor, dict]:
         metrics["kl"] = masked_mean(kl.detach(), mask).item()
     loss = aggregate(per_token, mask, cfg.loss_type, cfg.max_new_tokens)
     low, high = low.float(), high.float()
-    metrics.update(rollout_metrics(batch, cfg.group_size))
+    metrics.update(rollout_metrics(batch, cfg.samples_per_prompt))
     metrics.update({"clip_ratio": masked_mean(low + high, mask).item(), "clip_ratio/low": masked_mean(low, mask).item(),
                     "clip_ratio/high": masked_mean(high, mask).item(),
                     "completions/mean_length": mask.sum(1).mean().item(),

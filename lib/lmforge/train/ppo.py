@@ -2,9 +2,9 @@
 
 The recipe is Ziegler et al. 2019 / Ouyang et al. 2022 as TRL implements it.
 
-Sizes. ``batch_size`` prompts (one sampled response each: a *rollout*) make one
-PPO *iteration*; ``mini_batch_size`` rollouts make one optimizer step; an
-iteration is ``ppo_epochs * batch_size / mini_batch_size`` optimizer steps and
+Sizes. ``rollout_batch_size`` prompts (one sampled response each: a *rollout*) make
+one PPO *iteration*; ``batch_size`` rollouts make one optimizer step; an
+iteration is ``ppo_epochs * rollout_batch_size / batch_size`` optimizer steps and
 ``max_steps`` counts optimizer steps (``lmforge.train.rollout.RolloutSchedule``
 maps a step to its iteration, epoch and mini-batch).
 
@@ -48,8 +48,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lmforge.config import TrainConfig, minibatches
 from lmforge.model import Transformer, ValueModel
+from lmforge.sections import PPOConfig, TrainConfig
 from lmforge.train.policy import CompletionBatch, masked_mean, token_logprobs
 from lmforge.train.rollout import Rollout
 
@@ -85,14 +85,13 @@ class PPOSettings:
 
 
 def train_config(section: dict, key: str = "ppo") -> tuple[TrainConfig, int]:
-    """(the loop's TrainConfig, mini-batches per iteration).
+    """(the loop's TrainConfig, optimizer steps per pass over an iteration's rollouts).
 
-    The loop's optimizer step is one mini-batch: ``batch_size = mini_batch_size``,
-    ``grad_accum_steps = 1``. ``mini_batch_size`` must divide ``batch_size``.
+    The loop's optimizer step is one forward-backward pass of ``batch_size`` rollouts;
+    ``batch_size`` must divide ``rollout_batch_size`` (``lmforge.sections.PPOConfig``).
     """
-    n_minibatches = minibatches(section, key)
-    mini = section.get("mini_batch_size") or section["batch_size"]
-    return TrainConfig.from_dict({**section, "batch_size": mini, "grad_accum_steps": 1}, key=key), n_minibatches
+    cfg = PPOConfig.from_dict(section, key)
+    return TrainConfig.from_dict({**section, "batch_size": cfg.batch_size}, key=key), cfg.n_minibatches
 
 
 # --------------------------------------------------------------------------- pure pieces

@@ -1,7 +1,7 @@
 """STaR / rejection-sampling fine-tuning: sample, keep what the checker verifies, fine-tune on it.
 
 One round of STaR (Zelikman et al., 2022, "STaR: Bootstrapping Reasoning With
-Reasoning") samples ``k`` answers per problem from the current model, keeps
+Reasoning") samples ``samples_per_prompt`` answers per problem from the current model, keeps
 those whose final answer checks out against the reference (``lmforge.tasks``),
 and fine-tunes on them with the plain SFT loss. Like the paper, each round
 restarts from the initial model (here the SFT model) instead of continuing
@@ -9,7 +9,7 @@ from the previous round's, which the paper does to avoid overfitting; the
 training set is every distinct correct sample kept so far, since each round
 here samples a fresh slice of the prompts rather than the whole dataset.
 
-Duplicates are dropped: ``k`` samples of an easy prompt are often the same
+Duplicates are dropped: the samples of an easy prompt are often the same
 string, and training on copies would only weight the problems the model
 already solves (rejection-sampling fine-tuning, Yuan et al. 2023, likewise
 keeps distinct reasoning paths). A correct sample that never emitted
@@ -19,41 +19,11 @@ out of tokens would teach the model not to stop.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
-from typing import Any, Sequence
+from typing import Sequence
 
 from lmforge.errors import LmforgeError
-from lmforge.rewards import unanswered
+from lmforge.sections import StarConfig, unanswered  # noqa: F401 (StarConfig: the star section)
 from lmforge.tasks import is_correct
-
-
-@dataclass
-class StarConfig:
-    """The sampling knobs of a STaR stage (the SFT knobs are the shared TrainConfig)."""
-
-    rounds: int = 3
-    """Sample-filter-train rounds; each samples from the previous round's model."""
-    k: int = 8
-    """Samples per prompt."""
-    n_prompts: int = 256
-    """Prompts sampled per round (a fresh slice of a seeded shuffle each round)."""
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    sample_batch_size: int = 256
-    """Rows (prompt x sample) per generation batch: bounds the KV cache."""
-
-    @classmethod
-    def from_dict(cls, section: dict[str, Any], key: str = "star") -> "StarConfig":
-        cfg = cls(**{f.name: section[f.name] for f in fields(cls) if f.name in section})
-        for name in ("rounds", "k", "n_prompts", "max_new_tokens", "sample_batch_size"):
-            value = getattr(cfg, name)
-            if value < 1:
-                raise LmforgeError(f"config key '{key}.{name}' is {value}; it must be at least 1")
-        if cfg.temperature < 0:
-            raise LmforgeError(f"config key '{key}.temperature' is {cfg.temperature}; it must be >= 0 (0: greedy)")
-        return cfg
 
 
 def require_answers(records: Sequence[dict], source: str, key: str) -> None:
