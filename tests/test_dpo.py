@@ -12,8 +12,8 @@ from lmforge.loader import load_model
 from lmforge.model import ModelConfig, RewardModel, Transformer
 from lmforge.stages import dpo as stage
 from lmforge.tokenizer import LMTokenizer
-from lmforge.train.dpo import (DEFAULT_BETA, DPOBatches, dpo_loss, dpo_metrics, encode_dpo_pairs, hinge_loss, ipo_loss,
-                               minibatch_config, preference_loss, reference_logprobs, resolve_beta, sigmoid_loss)
+from lmforge.train.dpo import (DPOBatches, dpo_loss, dpo_metrics, encode_dpo_pairs, hinge_loss, ipo_loss,
+                               preference_loss, reference_logprobs, sigmoid_loss)
 from lmforge.workflow import StageEnv
 
 TEXT = ("What is 37 + 48? 37 + 48 = 85. Reverse the word 'apple'. The reverse of 'apple' is 'elppa'. "
@@ -90,26 +90,14 @@ def test_dpo_metrics_against_hand_computed_values():
 # --------------------------------------------------------------------------- config rules
 
 
-def test_beta_alias_resolution_and_conflict():
-    assert resolve_beta({"beta": None, "clip_range": None}) == DEFAULT_BETA
-    assert resolve_beta({"beta": 0.3, "clip_range": None}) == 0.3
-    assert resolve_beta({"beta": None, "clip_range": 0.2}) == 0.2
-    assert resolve_beta({"beta": 0.2, "clip_range": 0.2}) == 0.2
-    with pytest.raises(LmforgeError, match=r"'dpo.beta' \(0.3\) and 'dpo.clip_range' \(0.2\) are both set"):
-        resolve_beta({"beta": 0.3, "clip_range": 0.2})
+def test_dpo_section_batches_and_beta():
+    from lmforge.sections import DPOConfig
 
-
-def test_minibatch_config_maps_to_accumulation_and_checks_divisibility():
-    section = apply_schema({"dpo": {"batch_size": 16, "mini_batch_size": 4}})["dpo"]
-    cfg = minibatch_config(section, "dpo")
-    assert (cfg.batch_size, cfg.grad_accum_steps) == (4, 4)
-    cfg = minibatch_config({**section, "mini_batch_size": None}, "dpo")
-    assert (cfg.batch_size, cfg.grad_accum_steps) == (16, 1)
-    with pytest.raises(LmforgeError, match=r"^config key 'dpo.mini_batch_size' \(3\) must divide "
-                                           r"'dpo.batch_size' \(16\)$"):
-        minibatch_config({**section, "mini_batch_size": 3}, "dpo")
-    with pytest.raises(LmforgeError, match=r"'dpo.grad_accum_steps' \(2\) is not used by dpo.*mini_batch_size"):
-        minibatch_config({**section, "grad_accum_steps": 2}, "dpo")
+    cfg = DPOConfig.from_dict(apply_schema({"dpo": {"batch_size": 4, "grad_accum_steps": 4}})["dpo"], "dpo")
+    assert (cfg.batch_size, cfg.grad_accum_steps, cfg.beta) == (4, 4, 0.5)  # 16 pairs per step; beta's default
+    with pytest.raises(LmforgeError, match=r"^config key 'dpo.label_smoothing' \(0.1\) applies only to loss_type "
+                                           r"sigmoid, not 'hinge'$"):
+        DPOConfig.from_dict(apply_schema({"dpo": {"label_smoothing": 0.1, "loss_type": "hinge"}})["dpo"], "dpo")
 
 
 # --------------------------------------------------------------------------- encoding, reference cache, loss
@@ -215,7 +203,7 @@ def test_training_on_one_pair_raises_its_margin(tok):
 
 
 def stage_params(**dpo):
-    section = apply_schema({"dpo": {"warmup_steps": 1, "max_steps": 3, "batch_size": 4, "mini_batch_size": 2,
+    section = apply_schema({"dpo": {"warmup_steps": 1, "max_steps": 3, "batch_size": 2, "grad_accum_steps": 2,
                                     "eval_every": 2, "checkpoint_every": 2, "log_every": 1, "eval_steps": 2,
                                     **dpo}})["dpo"]
     return {"dpo": section, "data": {"builtin": BUILTIN}, "seed": 3, "code": "test"}
@@ -253,7 +241,7 @@ def test_stage_end_to_end_with_a_separate_reference(tmp_path, tok, monkeypatch):
     for key in (*TRL_NAMES, "loss", "val_loss", "val_accuracy", "val_margin", "n_train", "beta", "loss_type",
                 "steps", "wall_s", "samples"):
         assert key in saved, key
-    assert saved["steps"] == 3 and saved["beta"] == DEFAULT_BETA and saved["loss_type"] == "sigmoid"
+    assert saved["steps"] == 3 and saved["beta"] == 0.5 and saved["loss_type"] == "sigmoid"
     assert 0 <= saved["val_accuracy"] <= 1 and 1 <= len(saved["samples"]) <= 5
     assert [h["step"] for h in saved["history"]] == [2, 3]
     model, _, ckpt = load_model(out / "model.pt")
@@ -264,13 +252,13 @@ def test_stage_end_to_end_with_a_separate_reference(tmp_path, tok, monkeypatch):
 
 def test_stage_without_reference_uses_sft_and_resumes(tmp_path, tok):
     sft = save_lm(tmp_path / "sft.pt", tiny_model(tok, seed=4), tok)
-    first, _ = run_stage(tmp_path, {"policy": sft}, loss_type="ipo", clip_range=0.5)
+    first, _ = run_stage(tmp_path, {"policy": sft}, loss_type="ipo", beta=0.5)
     assert first["beta"] == 0.5 and first["loss_type"] == "ipo" and first["resumed_from"] is None
     # Raising max_steps extends the finished run from its checkpoint (the reference is still the SFT model).
-    again, _ = run_stage(tmp_path, {"policy": sft}, loss_type="ipo", clip_range=0.5, max_steps=4)
+    again, _ = run_stage(tmp_path, {"policy": sft}, loss_type="ipo", beta=0.5, max_steps=4)
     assert again["resumed_from"] == 3 and again["steps"] == 4
     # Another loss (here the RPO weight) is another run: its checkpoints are not resumed.
-    other, _ = run_stage(tmp_path, {"policy": sft}, loss_type="ipo", clip_range=0.5, max_steps=4, rpo_alpha=1.0)
+    other, _ = run_stage(tmp_path, {"policy": sft}, loss_type="ipo", beta=0.5, max_steps=4, rpo_alpha=1.0)
     assert other["resumed_from"] is None and other["steps"] == 4
 
 
@@ -295,10 +283,10 @@ def test_reward_model_as_policy_is_refused(tmp_path, tok):
 
 
 def test_stage_config_errors_come_before_any_work(tmp_path, tok):
-    with pytest.raises(LmforgeError, match=r"'dpo.mini_batch_size' \(3\) must divide 'dpo.batch_size' \(4\)"):
-        run_stage(tmp_path, {"policy": "missing.pt"}, mini_batch_size=3)
-    with pytest.raises(LmforgeError, match=r"'dpo.beta' \(0.2\) and 'dpo.clip_range' \(0.3\)"):
-        run_stage(tmp_path, {"policy": "missing.pt"}, beta=0.2, clip_range=0.3)
+    with pytest.raises(LmforgeError, match=r"'dpo.warmup_steps' \(5\) must be smaller than 'dpo.max_steps' \(3\)"):
+        run_stage(tmp_path, {"policy": "missing.pt"}, warmup_steps=5)
+    with pytest.raises(LmforgeError, match=r"'dpo.label_smoothing' \(0.1\) applies only to"):
+        run_stage(tmp_path, {"policy": "missing.pt"}, label_smoothing=0.1, loss_type="ipo")
 
 
 @pytest.mark.parametrize("source", ["data", "on_policy", "mixed"])

@@ -218,7 +218,7 @@ def pipeline(tok, tmp_path_factory):
 
 def run_stage(inputs, out, stages=("pretrain", "sft", "dpo", "ppo")):
     params = {"eval": {"stages": list(stages), "n_prompts": 6, "max_new_tokens": 6, "val_batches": 2,
-                       "n_samples": 2, "pass_k": 3, "batch_size": 4},
+                       "n_samples": 2, "samples_per_prompt": 3, "batch_size": 4},
               "data": {"builtin": BUILTIN}, "seed": 3, "code": "test"}
     outputs = {"metrics": str(out / "metrics.csv"), "summary": str(out / "summary.json"),
                "report": str(out / "report.md")}
@@ -319,7 +319,7 @@ def test_mlflow_gets_per_stage_metrics_and_the_report(pipeline, tmp_path, monkey
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     params = {"eval": {"stages": ["pretrain", "sft"], "n_prompts": 4, "max_new_tokens": 4, "val_batches": 1,
-                       "n_samples": 1, "pass_k": 0, "batch_size": 4}, "data": {"builtin": BUILTIN}, "seed": 3,
+                       "n_samples": 1, "samples_per_prompt": 0, "batch_size": 4}, "data": {"builtin": BUILTIN}, "seed": 3,
               "code": "test"}
     out = tmp_path / "eval"
     outputs = {k: str(out / f) for k, f in (("metrics", "metrics.csv"), ("summary", "summary.json"),

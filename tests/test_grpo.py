@@ -97,8 +97,8 @@ def test_step_reward_adds_the_process_advantage_to_each_step_s_tokens(tok):
     def reward_fn(recs, responses, ids):
         return Rewards(reward=torch.tensor([1.0, 0.0]))
 
-    cfg = GRPOConfig.from_dict(section(batch_size=1, group_size=2, max_new_tokens=12, step_reward=0.5,
-                                       scale_rewards="none"))
+    cfg = GRPOConfig.from_dict(section(rollout_batch_size=1, samples_per_prompt=2, max_new_tokens=12, step_reward=0.5,
+                                       scale_rewards="none"), "grpo")
     ro, stats = make_rollout(model, tok, records, cfg, reward_fn, generator=torch.Generator().manual_seed(0))
     # Replace the sampled answers by known ones and recompute the token advantages from them.
     from lmforge.train.grpo import token_advantages
@@ -156,9 +156,9 @@ def test_clipping_with_epsilon_and_epsilon_high_at_the_boundary():
     assert low.tolist() == [[False, False, False, False, True, True]] and not high.any()
 
 
-def test_epsilon_high_defaults_to_epsilon():
-    assert GRPOConfig.from_dict(section(epsilon=0.1)).epsilon_high == 0.1
-    assert GRPOConfig.from_dict(section(epsilon=0.1, epsilon_high=0.3)).epsilon_high == 0.3
+def test_clip_range_high_defaults_to_clip_range():
+    assert GRPOConfig.from_dict(section(clip_range=0.1), "grpo").clip_range_high == 0.1
+    assert GRPOConfig.from_dict(section(clip_range=0.1, clip_range_high=0.3), "grpo").clip_range_high == 0.3
 
 
 def test_k3_against_hand_numbers():
@@ -178,7 +178,8 @@ def test_grpo_loss_value_and_gradient_at_ratio_one(tok, loss_type):
     gradient is the policy gradient -A * grad log p (aggregated the same way) plus the KL's."""
     model, ref = tiny_model(tok, 0), tiny_model(tok, 1)
     cb = completions(tok)
-    cfg = GRPOConfig.from_dict(section(loss_type=loss_type, beta=0.1, batch_size=2, group_size=2))
+    cfg = GRPOConfig.from_dict(section(loss_type=loss_type, beta=0.1, rollout_batch_size=2, samples_per_prompt=2),
+                               "grpo")
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
     with torch.no_grad():
         ref_logps = token_logprobs(ref, cb)
@@ -223,7 +224,8 @@ def test_rollout_groups_rewards_and_old_logprobs(tok):
     def reward_fn(recs, responses, ids):  # reward = number of response tokens: groups differ
         return Rewards(reward=torch.tensor([float(len(i)) for i in ids]), correct=torch.zeros(len(ids)))
 
-    cfg = GRPOConfig.from_dict(section(batch_size=3, mini_batch_size=1, group_size=4, max_new_tokens=5))
+    cfg = GRPOConfig.from_dict(section(rollout_batch_size=3, batch_size=1, samples_per_prompt=4, max_new_tokens=5),
+                               "grpo")
     ro, stats = make_rollout(model, tok, records, cfg, reward_fn, reference=ref,
                              generator=torch.Generator().manual_seed(0))
     assert stats["rollout/prompts"] == 3 and stats["rollout/accuracy"] == 0
@@ -235,7 +237,7 @@ def test_rollout_groups_rewards_and_old_logprobs(tok):
     with torch.no_grad():
         torch.testing.assert_close(ro.extra["old_logps"], token_logprobs(model, ro.batch))
         torch.testing.assert_close(ro.extra["ref_logps"], token_logprobs(ref, ro.batch))
-    one_step = GRPOConfig.from_dict(section(batch_size=3, group_size=4, max_new_tokens=5))
+    one_step = GRPOConfig.from_dict(section(rollout_batch_size=3, samples_per_prompt=4, max_new_tokens=5), "grpo")
     ro, _ = make_rollout(model, tok, records, one_step, reward_fn, generator=torch.Generator().manual_seed(0))
     assert "old_logps" not in ro.extra and "ref_logps" not in ro.extra
 
@@ -258,9 +260,10 @@ def test_oversampling_keeps_groups_whose_rewards_differ(tok):
         return Rewards(reward=torch.tensor([float(r["prompt"] in ("What is 0 + 1?", "What is 3 + 1?") and j == 0)
                                             for j, r in zip([0, 1] * len(recs), recs)]))
 
-    cfg = GRPOConfig.from_dict(section(batch_size=2, group_size=2, max_new_tokens=3, oversample=3))
+    cfg = GRPOConfig.from_dict(section(rollout_batch_size=2, samples_per_prompt=2, max_new_tokens=3, oversample=3),
+                               "grpo")
     ro, stats = make_rollout(model, tok, records, cfg, reward_fn, generator=torch.Generator().manual_seed(0))
-    assert calls == [4, 4]  # rounds of batch_size prompts until two informative groups are found
+    assert calls == [4, 4]  # rounds of rollout_batch_size prompts until two informative groups are found
     assert [r["prompt"] for r in ro.records] == ["What is 0 + 1?"] * 2 + ["What is 3 + 1?"] * 2
     assert ro.extra["rewards"].tolist() == [1.0, 0.0, 1.0, 0.0] and (ro.extra["group_std"] > 0).all()
     assert stats["rollout/prompts"] == 4 and stats["rollout/frac_reward_zero_std"] == 0.5
@@ -271,16 +274,16 @@ def test_oversampling_keeps_groups_whose_rewards_differ(tok):
 
 
 def test_group_of_one_is_an_error_naming_both_keys():
-    with pytest.raises(LmforgeError, match=r"'grpo.group_size' \(1\) and 'grpo.scale_rewards' \(group\)"):
-        GRPOConfig.from_dict(section(group_size=1))
+    with pytest.raises(LmforgeError, match=r"'grpo.samples_per_prompt' is 1 \(with 'grpo.scale_rewards': group\)"):
+        GRPOConfig.from_dict(section(samples_per_prompt=1), "grpo")
 
 
-def test_mini_batch_size_must_divide_batch_size():
-    with pytest.raises(LmforgeError, match=r"'grpo.mini_batch_size' \(3\) must divide 'grpo.batch_size' \(8\)"):
-        GRPOConfig.from_dict(section(batch_size=8, mini_batch_size=3))
+def test_batch_size_must_divide_rollout_batch_size():
+    with pytest.raises(LmforgeError, match=r"'grpo.batch_size' \(3\) must divide 'grpo.rollout_batch_size' \(8\)"):
+        GRPOConfig.from_dict(section(rollout_batch_size=8, batch_size=3), "grpo")
     with pytest.raises(LmforgeError, match=r"'grpo.grad_accum_steps'"):
-        GRPOConfig.from_dict(section(grad_accum_steps=2))
-    cfg = GRPOConfig.from_dict(section(batch_size=8, mini_batch_size=2, ppo_epochs=3))
+        GRPOConfig.from_dict(section(grad_accum_steps=2), "grpo")
+    cfg = GRPOConfig.from_dict(section(rollout_batch_size=8, batch_size=2, ppo_epochs=3), "grpo")
     assert (cfg.n_minibatches, cfg.steps_per_iteration) == (4, 12)
 
 
@@ -296,7 +299,7 @@ def policy(tmp_path, tok):
 
 
 def stage_run(tmp_path, policy, inputs=None, **grpo):
-    params = {"grpo": section(**{"batch_size": 2, "group_size": 2, "max_new_tokens": 6, "max_steps": 2,
+    params = {"grpo": section(**{"rollout_batch_size": 2, "samples_per_prompt": 2, "max_new_tokens": 6, "max_steps": 2,
                                  "eval_every": 2, "checkpoint_every": 2, "log_every": 1, **grpo}),
               "data": {"builtin": BUILTIN}, "seed": 7}
     outputs = {"model": str(tmp_path / "grpo" / "model.pt"), "metrics": str(tmp_path / "grpo" / "metrics.json")}
@@ -319,7 +322,7 @@ def reference_loads(monkeypatch):
 
 
 def test_stage_writes_model_and_metrics(tmp_path, policy, reference_loads):
-    metrics, outputs = stage_run(tmp_path, policy, mini_batch_size=1)
+    metrics, outputs = stage_run(tmp_path, policy, batch_size=1)
     on_disk = json.loads(open(outputs["metrics"]).read())
     assert on_disk["steps"] == 2 and on_disk["reference"] == str(policy) and reference_loads == [str(policy)]
     for which in ("sft", "grpo"):
@@ -366,7 +369,7 @@ class LengthReward:
 
 def test_beta_zero_loads_no_reference_and_trains(tmp_path, policy, reference_loads, monkeypatch):
     monkeypatch.setattr(grpo_stage, "RewardFunction", LengthReward)
-    metrics, outputs = stage_run(tmp_path, policy, beta=0.0, grpo_temperature=2.0, max_steps=1, eval_every=1)
+    metrics, outputs = stage_run(tmp_path, policy, beta=0.0, temperature=2.0, max_steps=1, eval_every=1)
     assert reference_loads == [] and metrics["reference"] is None
     model, _, _ = load_model(outputs["model"])
     start, _, _ = load_model(policy)

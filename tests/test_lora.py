@@ -292,14 +292,14 @@ def test_lora_and_qlora_stages_save_adapters_and_reuse_the_base_as_reference(tmp
     # GRPO with QLoRA on the SFT adapters (trained on, then merged under new adapters). beta > 0 needs a
     # reference: the policy with its adapters off; no second Transformer, no loaded copy.
     constructions.clear()
-    metrics, grpo = run_stage(grpo_stage, "grpo", tmp_path, {"policy": sft}, batch_size=2, group_size=2,
+    metrics, grpo = run_stage(grpo_stage, "grpo", tmp_path, {"policy": sft}, rollout_batch_size=2, samples_per_prompt=2,
                               max_new_tokens=4, beta=0.1, lora={"r": 4, "quantize": "nf4"})
     assert len(constructions) == 1 and not loads and metrics["steps"] == 2
     model, _, ckpt = load_model(grpo)  # grpo adapters -> sft adapters -> pretrain
     assert ckpt["adapter"]["base"] == sft and ckpt["adapter"]["lora"]["quantize"] == "nf4"
     # PPO with LoRA: the critic copies the adapted policy (adapters of its own); the reference is the view.
     constructions.clear()
-    metrics, ppo = run_stage(ppo_stage, "ppo", tmp_path, {"policy": str(pre)}, batch_size=2, mini_batch_size=2,
+    metrics, ppo = run_stage(ppo_stage, "ppo", tmp_path, {"policy": str(pre)}, rollout_batch_size=2, batch_size=2,
                              ppo_epochs=1, max_new_tokens=4, reward_fn={"rm": 0.0, "verifiable": 1.0},
                              lora={"r": 2, "target_modules": ["q_proj", "v_proj"]})
     assert len(constructions) == 1 and not loads

@@ -183,12 +183,12 @@ def test_adaptive_kl_controller_update_and_resume():
     assert fixed.coef_for(1) == 0.05
 
 
-def test_mini_batch_size_must_divide_batch_size():
-    section = apply_schema({"ppo": {"batch_size": 32, "mini_batch_size": 3}})["ppo"]
+def test_batch_size_must_divide_rollout_batch_size():
+    section = apply_schema({"ppo": {"rollout_batch_size": 32, "batch_size": 3}})["ppo"]
     with pytest.raises(LmforgeError,
-                       match=r"config key 'ppo.mini_batch_size' \(3\) must divide 'ppo.batch_size' \(32\)"):
+                       match=r"config key 'ppo.batch_size' \(3\) must divide 'ppo.rollout_batch_size' \(32\)"):
         train_config(section)
-    cfg, n = train_config(apply_schema({"ppo": {"batch_size": 32, "mini_batch_size": 8}})["ppo"])
+    cfg, n = train_config(apply_schema({"ppo": {"rollout_batch_size": 32, "batch_size": 8}})["ppo"])
     assert (cfg.batch_size, cfg.grad_accum_steps, n) == (8, 1, 4)
     with pytest.raises(LmforgeError, match="ppo.grad_accum_steps"):
         train_config(apply_schema({"ppo": {"grad_accum_steps": 2}})["ppo"])
@@ -249,7 +249,7 @@ def test_prepare_rollout_then_loss_starts_at_ratio_one(tok, value_model):
 
 
 def stage_params(**ppo):
-    section = {"batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1, "max_steps": 4, "max_new_tokens": 8,
+    section = {"rollout_batch_size": 4, "batch_size": 2, "ppo_epochs": 1, "max_steps": 4, "max_new_tokens": 8,
                "eval_every": 2, "checkpoint_every": 2, "log_every": 1, "lr": 1e-4, **ppo}
     cfg = apply_schema({"ppo": section, "data": {"builtin": BUILTIN}, "seed": 3})
     return {"ppo": cfg["ppo"], "data": {"builtin": cfg["data"]["builtin"]}, "seed": 3}

@@ -53,8 +53,8 @@ def models(tmp_path_factory):
 
 def params(data=None, **overrides) -> dict:
     reward_fn = overrides.pop("reward_fn", {"rm": 0.5, "verifiable": 2.0, "hf": 0.0, "hf_model": None})
-    section = {"data": data, "n_prompts": 5, "k": 2, "max_new_tokens": 8, "temperature": 1.0, "top_k": 0,
-               "top_p": 1.0, "batch_size": 3, "reward_fn": reward_fn, **overrides}
+    section = {"data": data, "n_prompts": 5, "samples_per_prompt": 2, "max_new_tokens": 8, "temperature": 1.0,
+               "top_k": 0, "top_p": 1.0, "batch_size": 3, "reward_fn": reward_fn, **overrides}
     return {"score": section, "data": {"builtin": BUILTIN}, "seed": SEED, "code": "test"}
 
 
@@ -77,7 +77,7 @@ def regenerate(policy_path, records, p):
 
     model, tok, _ = load_model(policy_path)
     s = p["score"]
-    ids = [tok.prompt_ids(r["prompt"]) for r in records for _ in range(s["k"])]
+    ids = [tok.prompt_ids(r["prompt"]) for r in records for _ in range(s["samples_per_prompt"])]
     out = generate(model, ids, max_new_tokens=s["max_new_tokens"], temperature=s["temperature"], top_k=s["top_k"],
                    top_p=s["top_p"], stop_ids=(tok.end_id,), pad_id=tok.pad_id, batch_size=s["batch_size"],
                    generator=torch.Generator().manual_seed(SEED))
@@ -246,7 +246,7 @@ def test_mlflow_run_mirrors_the_summary(models, tmp_path):
     client = MlflowClient(tracking_uri=uri)
     run = client.get_run(run_id)
     assert run.data.metrics["reward_mean"] == pytest.approx(summary["reward_mean"])
-    assert run.data.params["score.k"] == "2"
+    assert run.data.params["score.samples_per_prompt"] == "2"
     assert {"samples.parquet", "summary.json", "config.json"} <= {a.path for a in client.list_artifacts(run_id)}
     # Correctness is measured wherever a prompt has an answer, whatever the verifiable weight.
     assert summary["accuracy"] is not None and summary["n_prompts_with_answer"] == 5

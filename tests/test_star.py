@@ -77,8 +77,8 @@ def test_rounds_below_one_is_an_error_naming_the_key():
 
 
 def test_schema_defaults_fill_the_star_config():
-    cfg = StarConfig.from_dict(section(k=3))
-    assert (cfg.rounds, cfg.k, cfg.n_prompts, cfg.temperature) == (3, 3, 256, 1.0)
+    cfg = StarConfig.from_dict(section(samples_per_prompt=3), "star")
+    assert (cfg.rounds, cfg.samples_per_prompt, cfg.n_prompts, cfg.temperature) == (3, 3, 256, 1.0)
 
 
 # --------------------------------------------------------------------------- the stage
@@ -101,8 +101,8 @@ def policy(tmp_path, tok):
 
 
 def stage_run(tmp_path, policy, inputs=None, **star):
-    params = {"star": section(**{"rounds": 2, "n_prompts": 3, "k": 2, "max_new_tokens": 6, "batch_size": 2,
-                                 "warmup_steps": 0, "max_steps": 2, "checkpoint_every": 2, "log_every": 1, **star}),
+    params = {"star": section(**{"rounds": 2, "n_prompts": 3, "samples_per_prompt": 2, "max_new_tokens": 6,
+                                 "batch_size": 2, "warmup_steps": 0, "max_steps": 2, "checkpoint_every": 2, "log_every": 1, **star}),
               "data": {"builtin": BUILTIN}, "seed": 7}
     outputs = {"model": str(tmp_path / "star" / "model.pt"), "metrics": str(tmp_path / "star" / "metrics.json")}
     env = StageEnv(stage="star", seed=7, device="cpu", threads=1, tracking_enabled=False,

@@ -145,10 +145,10 @@ def test_bad_config_fails_before_any_work(tmp_path):
 def test_nested_config_on_the_command_line_is_typed(tmp_path):
     # Snakemake leaves numbers inside --config dicts and lists as text; the Snakefile types them.
     write_config(tmp_path)
-    proc = snakemake(tmp_path, "-n", "--config", 'eval={"stages": ["pretrain"], "pass_k": 0}', "seeds=[1, 2]", "--",
-                     target="results/seeds/summary.md")
+    proc = snakemake(tmp_path, "-n", "--config", 'eval={"stages": ["pretrain"], "samples_per_prompt": 0}',
+                     "seeds=[1, 2]", "--", target="results/seeds/summary.md")
     assert {"seeds_summary", "seed1_pretrain", "seed2_pretrain"} <= executed(proc)
-    proc = snakemake(tmp_path, "-n", "--config", 'eval={"pass_k": "eight"}', "--", check=False)
+    proc = snakemake(tmp_path, "-n", "--config", 'eval={"samples_per_prompt": "eight"}', "--", check=False)
     assert proc.returncode != 0 and "'eight' is not of type 'integer'" in proc.stdout + proc.stderr
     assert not (tmp_path / "results").exists()
 
