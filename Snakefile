@@ -2,7 +2,7 @@
 # The stages are declared once in lib/lmforge/pipeline.py; workflow/rules/stages.smk makes them rules.
 from snakemake.utils import min_version, validate
 
-from lmforge.config import coerce_strings, load_schema
+from lmforge.config import coerce_strings, load_schema, reject_renamed
 
 min_version("9.0")
 
@@ -10,8 +10,9 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
-# --config values arrive as text below the top level ("0", "[1, 2]" items): typed by the schema first.
-config.update(coerce_strings(config, load_schema()))
+# A renamed key fails naming its new name. --config values arrive as text below the top level
+# ("0", "[1, 2]" items): typed by the schema first.
+config.update(coerce_strings(reject_renamed(config), load_schema()))
 validate(config, "workflow/schemas/config.schema.yaml")
 
 
