@@ -12,13 +12,13 @@ import torch.nn.functional as F
 
 from lmforge.checkpoint import save_model
 from lmforge.errors import LmforgeError
-from lmforge.evaluate import (evaluate_model, fitting_prompts, kl_estimate, pass_at_k, response_metrics,
+from lmforge.data.prompts import fitting_prompts
+from lmforge.evaluate import (evaluate_model, greedy_responses, kl_estimate, pass_at_k, response_metrics,
                               sampled_accuracy, win_rate)
 from lmforge.generate import generate
 from lmforge.model import ModelConfig, RewardModel, Transformer
 from lmforge.report import COLUMNS
 from lmforge.stages import evaluate as stage
-from lmforge.stages.sft import greedy_responses
 from lmforge.tasks import extract_answer
 from lmforge.tokenizer import LMTokenizer
 from lmforge.train.lm import TokenWindows

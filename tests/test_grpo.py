@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from lmforge import evaluate
 from lmforge.checkpoint import save_model
 from lmforge.config import apply_schema
 from lmforge.data.builtin import make_task_data
@@ -346,7 +347,8 @@ def test_checkpoints_are_picked_on_rl_dev_and_rl_val_is_only_reported(tmp_path, 
         asked.append(list(prompts))
         return real(model, tok, prompts, *a, **kw)
 
-    monkeypatch.setattr(grpo_stage, "greedy_responses", recording)
+    monkeypatch.setattr(grpo_stage, "greedy_responses", recording)  # selection on rl_dev
+    monkeypatch.setattr(evaluate, "greedy_responses", recording)  # held-out numbers and logged samples on rl_val
     stage_run(tmp_path, policy)
     splits = make_task_data(BUILTIN, 7)
     dev, val = ({r["prompt"] for r in splits[s]} for s in ("rl_dev", "rl_val"))

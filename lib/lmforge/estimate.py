@@ -14,10 +14,16 @@ import functools
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from lmforge import kernels
+from lmforge.config import load_config
+from lmforge.device import resolve_device, set_threads
+from lmforge.errors import LmforgeError
+from lmforge.hf_config import model_config_from_hf, read_hf_config
+from lmforge.loader import read_checkpoint
 from lmforge.model import ModelConfig
 
 BYTES = {"fp32": 4, "bf16": 2}
@@ -413,12 +419,6 @@ def describe(path, *, device: str | None = None, flops_per_s: float | None = Non
     device: where to time training (default: the config's ``device``, else auto).
     Raises LmforgeError naming the file when it is missing or neither a config nor a checkpoint.
     """
-    from pathlib import Path
-
-    from lmforge.config import load_config
-    from lmforge.device import resolve_device, set_threads
-    from lmforge.errors import LmforgeError
-
     path = Path(path)
     if not path.exists():
         raise LmforgeError(f"inspect: no such file: {path}")
@@ -429,8 +429,6 @@ def describe(path, *, device: str | None = None, flops_per_s: float | None = Non
         train, source = config["pretrain"], f"{path} (model + pretrain sections)"
         dev = resolve_device(device or config.get("device", "auto"))
     else:
-        from lmforge.checkpoint import read_checkpoint
-
         if path.is_dir() and not (path / "config.json").exists():
             raise LmforgeError(f"inspect: {path} is a folder, not a config (.yaml) or a checkpoint (.pt)")
         ckpt = read_checkpoint(path)
@@ -443,15 +441,9 @@ def describe(path, *, device: str | None = None, flops_per_s: float | None = Non
 
 def _config_model(model: dict, path) -> ModelConfig:
     """The model section's architecture; with ``init_from`` that of the imported folder's config.json."""
-    from pathlib import Path
-
-    from lmforge.errors import LmforgeError
-
     init_from = model.get("init_from")
     if not init_from:
         return ModelConfig.from_section(model)
-    from lmforge.hf import model_config_from_hf, read_hf_config
-
     folder = Path(init_from.removeprefix("hf:")).expanduser()
     if not folder.is_dir():
         raise LmforgeError(f"{path}: model.init_from {init_from!r} is not a local folder; "

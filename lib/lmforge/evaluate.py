@@ -32,6 +32,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from lmforge.data.prompts import prompt_ids
 from lmforge.device import autocast
 from lmforge.generate import generate
 from lmforge.model import Transformer
@@ -53,15 +54,31 @@ class Answers:
     """Greedy answers of one model to the evaluation prompts, and their reward-model scores."""
 
     responses: list[str]
-    """Answer texts, cut at ``<|end|>`` (as ``stages.sft.greedy_responses`` gives them)."""
+    """Answer texts, cut at ``<|end|>`` (as ``greedy_responses`` gives them)."""
     lengths: list[int]
     """Generated tokens per answer, ``<|end|>`` not counted."""
     scores: list[float]
 
 
-def fitting_prompts(records: Sequence[dict], tok: LMTokenizer, max_seq_len: int) -> list[dict]:
-    """Prompt records (``{"prompt", ...}``) whose rendered prompt leaves room for one answer token."""
-    return [r for r in records if len(tok.prompt_ids(r["prompt"])) < max_seq_len]
+TASK_EVAL_TOKENS = 32  # enough for every built-in task's answer sentence
+
+
+def greedy_responses(model: Transformer, tok: LMTokenizer, prompts: Sequence, max_new_tokens: int = TASK_EVAL_TOKENS,
+                     batch_size: int = 64) -> list[str]:
+    """Temperature-0 answers to prompts (``lmforge.data.prompts``), cut at ``<|end|>``."""
+    ids = [prompt_ids(tok, p) for p in prompts]
+    out = generate(model, ids, max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=(tok.end_id,),
+                   pad_id=tok.pad_id, batch_size=batch_size)
+    return [tok.decode([t for t in toks if t != tok.end_id]) for toks in out.tokens]
+
+
+def task_metrics(model: Transformer, tok: LMTokenizer, records: Sequence[dict], prompts: Sequence | None = None) -> dict:
+    """accuracy and dismissive_rate of greedy answers to ``prompts`` (default: the records' ``prompt``),
+    checked against the records' ``answer`` and ``task``: a stage's held-out numbers before and after training."""
+    responses = greedy_responses(model, tok, [r["prompt"] for r in records] if prompts is None else prompts)
+    n = max(len(records), 1)
+    return {"accuracy": sum(is_correct(s, r["answer"], r["task"]) for s, r in zip(responses, records)) / n,
+            "dismissive_rate": sum(is_dismissive(s) for s in responses) / n}
 
 
 def share(flags: Sequence[bool]) -> float:
@@ -180,7 +197,7 @@ def answer_prompts(model: Transformer, tok: LMTokenizer, records: Sequence[dict]
                    max_new_tokens: int, batch_size: int = 64) -> Answers:
     """Greedy answers to the records' prompts, cut at ``<|end|>``, and the scorer's score of each.
 
-    The same texts as ``stages.sft.greedy_responses``; generating here keeps the token
+    The same texts as ``greedy_responses``; generating here keeps the token
     counts, which re-encoding the text would not give back exactly (a model may
     emit a non-canonical tokenization or bytes that are not valid UTF-8).
     """

@@ -16,7 +16,8 @@ Llama's without the ``model.`` prefix of the trunk, and ``apply_rope`` rotates t
 pairs (i, i + hd/2) as transformers' ``rotate_half`` does, so no weight is permuted.
 
 Reading a folder (``read_folder``) builds an ordinary lmforge checkpoint dict, so
-anything that accepts a checkpoint accepts a folder; ``model.init_from: hf:PATH``
+anything that loads a model through ``lmforge.loader`` accepts a folder (and
+``loader.export`` writes one from any model file); ``model.init_from: hf:PATH``
 starts the pipeline from one (tokenizer stage: ``import_tokenizer``; pretrain:
 ``init_model``). A foreign tokenizer is converted to lmforge's special tokens (see
 ``convert_tokenizer``); tokens it lacks are appended and their embedding rows start
@@ -32,7 +33,9 @@ from pathlib import Path
 
 import torch
 
+from lmforge.config import load_schema
 from lmforge.errors import LmforgeError
+from lmforge.files import atomic_write_json
 from lmforge.hf_config import (FAMILIES, WEIGHTS, WEIGHTS_INDEX, check_folder,  # noqa: F401 (re-exported)
                                check_init_from, model_config_from_hf, read_hf_config, read_json, resolve)
 from lmforge.model import ModelConfig, Transformer
@@ -127,21 +130,20 @@ def generation_config(tok: LMTokenizer) -> dict:
             **SAMPLING}
 
 
-def export(checkpoint: str | Path, out_dir: str | Path, *, dtype: str = "float32") -> Path:
-    """Write ``checkpoint`` (a model.pt or a folder) as a transformers folder ``out_dir``. Returns out_dir.
+def check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise LmforgeError(f"export dtype '{dtype}' must be one of: {', '.join(DTYPES)}")
+
+
+def write_folder(model: Transformer, tok: LMTokenizer, out_dir: str | Path, *, dtype: str = "float32") -> Path:
+    """Write a plain model (no adapters) and its tokenizer as a transformers folder ``out_dir``. Returns out_dir.
 
     The files are written to a temp folder beside ``out_dir`` first and moved in at the end,
-    so a failed export leaves no half-written folder.
+    so a failed export leaves no half-written folder. (``lmforge.loader.export`` does it for a model file.)
     """
     from safetensors.torch import save_file
 
-    from lmforge.checkpoint import atomic_write_json, load_model
-    from lmforge.lora import merge_lora
-
-    if dtype not in DTYPES:
-        raise LmforgeError(f"export dtype '{dtype}' must be one of: {', '.join(DTYPES)}")
-    model, tok, _ = load_model(checkpoint)
-    merge_lora(model)  # a LoRA/QLoRA checkpoint: its adapters folded into plain float weights first
+    check_dtype(dtype)
     config = hf_config(model.cfg, tok, dtype)  # raises before anything is written
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -393,8 +395,6 @@ def init_model(model_params: dict, tok: LMTokenizer) -> tuple[Transformer, Model
     (the context every later stage trains at) and dropout. A shape key the section sets
     to something other than its default and the imported value is reported, not used.
     """
-    from lmforge.config import load_schema
-
     folder = resolve(model_params["init_from"])
     check_folder(folder)
     ckpt = read_folder(folder)

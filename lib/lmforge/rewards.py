@@ -18,6 +18,7 @@ from typing import Sequence
 
 import torch
 
+from lmforge.data.prompts import prompt_ids, prompt_text
 from lmforge.errors import LmforgeError
 from lmforge.loader import build_model, read_checkpoint
 from lmforge.sections import RewardSpec, unanswered  # noqa: F401 (unanswered: re-exported)
@@ -97,7 +98,7 @@ class RewardFunction:
         scores = []
         for start in range(0, len(records), self.batch_size):
             chunk = slice(start, start + self.batch_size)
-            prompts = [_prompt_ids(self.tok, r["prompt"]) for r in records[chunk]]
+            prompts = [prompt_ids(self.tok, r["prompt"]) for r in records[chunk]]
             rows = [(p + list(ids))[:limit] for p, ids in zip(prompts, response_ids[chunk])]
             batch = completion_batch([row[:1] for row in rows], [row[1:] for row in rows], self.tok.pad_id,
                                      device=self.device)
@@ -110,19 +111,11 @@ class RewardFunction:
         scores = []
         for start in range(0, len(records), self.batch_size):
             chunk = slice(start, start + self.batch_size)
-            prompts = [_prompt_text(r["prompt"]) for r in records[chunk]]
+            prompts = [prompt_text(r["prompt"]) for r in records[chunk]]
             enc = self.hf_tokenizer(prompts, list(responses[chunk]), padding=True, truncation=True,
                                     return_tensors="pt").to(self.device)
             scores.append(self.hf_model(**enc).logits[:, 0].float().cpu())
         return torch.cat(scores) if scores else torch.zeros(0)
-
-
-def _prompt_ids(tok, prompt) -> list[int]:
-    return tok.prompt_ids(prompt) if isinstance(prompt, str) else tok.render_prompt(prompt)
-
-
-def _prompt_text(prompt) -> str:
-    return prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
 
 
 def _load_reward_model(path: str | Path, tokenizer, device: torch.device):

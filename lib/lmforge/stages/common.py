@@ -1,4 +1,6 @@
-"""What every training stage does the same way: set up the process, summarise the run, publish artifacts."""
+"""What every training stage does the same way: set up the process, load the policy and prompts, log samples,
+summarise the run, publish artifacts. Stages share code through this module (or lower layers), never
+through each other."""
 from __future__ import annotations
 
 import sys
@@ -6,9 +8,16 @@ import sys
 import torch
 
 from lmforge import distributed as dist
-from lmforge.checkpoint import atomic_write_json, save_model
+from lmforge.checkpoint import save_model
+from lmforge.data.formats import load_prompts
+from lmforge.data.prompts import fitting_prompts
 from lmforge.device import resolve_device, seed_everything, set_threads
-from lmforge.files import file_sha256
+from lmforge.errors import LmforgeError
+from lmforge.estimate import summary
+from lmforge.evaluate import greedy_responses
+from lmforge.files import atomic_write_json, file_sha256
+from lmforge.loader import load_model, save_adapter
+from lmforge.lora import LoraConfig, apply_lora, has_adapters
 from lmforge.train.loop import RESUME_FREE_KNOBS
 
 
@@ -49,8 +58,6 @@ def training_options(model, section: dict, key: str):
     """A stage section's model options on a freshly loaded Transformer, in place: ``lora`` (LoRA or
     QLoRA adapters; only they train afterwards), ``gradient_checkpointing`` and ``compile`` (the
     training forward through torch.compile). Returns the model."""
-    from lmforge.lora import LoraConfig, apply_lora
-
     if section.get("lora"):
         apply_lora(model, LoraConfig.from_dict(section["lora"], key=f"{key}.lora"), key=f"{key}.lora")
     model.gradient_checkpointing = bool(section.get("gradient_checkpointing", False))
@@ -60,10 +67,45 @@ def training_options(model, section: dict, key: str):
 
 def load_trainable(path, section: dict, key: str, device="cpu"):
     """``load_model(path)`` with the section's training options applied: (model, tokenizer, checkpoint)."""
-    from lmforge.checkpoint import load_model
-
     model, tok, ckpt = load_model(path, device=device)
     return training_options(model, section, key), tok, ckpt
+
+
+N_SAMPLES = 5  # fixed held-out prompts whose greedy answers are logged at every evaluation
+
+
+def sample_logger(run, tok, prompts: list):
+    """An ``on_eval`` hook for the training loop: log the model's greedy answers to ``prompts`` to MLflow."""
+    def log_samples(model: torch.nn.Module, step: int) -> None:
+        with torch.no_grad():
+            replies = greedy_responses(model, tok, prompts)
+        run.log_text("\n\n".join(f"> {p}\n{r}" for p, r in zip(prompts, replies)), f"samples/step_{step:06d}.txt")
+
+    return log_samples
+
+
+def train_prompts(params: dict, inputs: dict, task_data: dict, stage: str) -> tuple[list[dict], str]:
+    """(prompt records, where they came from) for ``<stage>.data``: a file, a hub spec, or the builtin RL split."""
+    source = inputs.get("data") or params[stage]["data"]
+    if source is None:
+        return load_prompts(task_data["rl_train"], key=f"{stage}.data", name="builtin:rl_train"), "builtin:rl_train"
+    return load_prompts(source, key=f"{stage}.data"), str(source)
+
+
+def policy_and_prompts(stage: str, section: dict, inputs: dict, records: list[dict], source: str,
+                       task_data: dict, device):
+    """(policy, tokenizer, checkpoint, training prompts, held-out prompts, selection prompts) of an
+    RL-on-prompts stage: the policy with the section's training options (lora, gradient_checkpointing,
+    compile), and the prompts (rl_val and rl_dev for the last two) that leave room for a response."""
+    model, tok, ckpt = load_trainable(inputs["policy"], section, stage, device)
+    seq = ckpt["model_config"]["max_seq_len"]
+    prompts = fitting_prompts(records, tok, seq)
+    if not prompts:
+        raise LmforgeError(f"{stage}.data: no prompt in {source} leaves room for a response within "
+                           f"model.max_seq_len ({seq})")
+    heldout, dev = (fitting_prompts(load_prompts(task_data[split], key=stage, name=f"builtin:{split}"), tok, seq)
+                    for split in ("rl_val", "rl_dev"))
+    return model, tok, ckpt, prompts, heldout, dev
 
 
 def log_estimate(stage: str, model_config, section: dict, device, *, fused_loss: bool = True) -> None:
@@ -72,8 +114,6 @@ def log_estimate(stage: str, model_config, section: dict, device, *, fused_loss:
     fused_loss=False for stages whose loss takes full (B, T, V) logits (all but pretraining)."""
     if not dist.is_main():
         return
-    from lmforge.estimate import summary
-
     text = summary(model_config, section, stage=stage, device=device, fused_loss=fused_loss)
     print("\n".join(f"[{stage}] {line}" for line in text.splitlines()), file=sys.stderr, flush=True)
 
@@ -92,8 +132,6 @@ def publish(run, env, params: dict, outputs: dict, model, *, kind: str, model_co
 
     A model with LoRA adapters is saved as an adapter checkpoint on ``base`` (the stage's input model file).
     """
-    from lmforge.lora import has_adapters, save_adapter
-
     metrics["mlflow_run_id"] = run.run_id
     meta = {"stage": stage, "step": step, "mlflow_run_id": run.run_id}
     if has_adapters(model):

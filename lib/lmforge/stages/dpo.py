@@ -18,11 +18,12 @@ import torch
 from lmforge import distributed as dist
 from lmforge.data.builtin import make_task_data
 from lmforge.data.formats import load_preferences
+from lmforge.data.prompts import builtin_pairs, fitting_prompts
 from lmforge.errors import LmforgeError
+from lmforge.evaluate import greedy_responses
 from lmforge.sections import DPOConfig, TrainConfig
-from lmforge.stages.common import load_trainable, publish, resume_fingerprint, run_summary, setup
-from lmforge.stages.reward import builtin_pairs, fitting
-from lmforge.stages.sft import N_SAMPLES, greedy_responses, sample_logger
+from lmforge.stages.common import (N_SAMPLES, load_trainable, publish, resume_fingerprint, run_summary, sample_logger,
+                                   setup)
 from lmforge.train.dpo import DPOBatches, dpo_loss, dpo_stats, encode_dpo_pairs, evaluate_dpo, reference_logprobs
 from lmforge.train.loop import final_weights, train
 from lmforge.train.policy import load_reference
@@ -48,7 +49,7 @@ def train_pairs(section: dict, inputs: dict, task_data: dict, tok, seq: int) -> 
     if "pairs" not in inputs:
         raise LmforgeError(f"config key 'dpo.on_policy' is {section['on_policy']}, but no scored pairs file was given")
     pairs = load_preferences(inputs["pairs"], key="dpo.on_policy")
-    kept = fitting(pairs, tok, seq)  # made by the pipeline for any context: filter like builtin pairs
+    kept = fitting_prompts(pairs, tok, seq)  # made by the pipeline for any context: filter like builtin pairs
     skipped = len(pairs) - len(kept)
     if section["on_policy"] is True:
         return kept, skipped
@@ -98,8 +99,7 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
           f"{len(val_ex)} held out, beta {beta}, loss {section['loss_type']}, {tcfg.grad_accum_steps}x"
           f"{tcfg.batch_size} pairs per step, reference log-probs in {ref_s:.1f}s, on {device}")
 
-    sample_prompts = [r["prompt"] for r in task_data["pref_val"]
-                      if len(tok.prompt_ids(r["prompt"])) < seq][:N_SAMPLES]
+    sample_prompts = [r["prompt"] for r in fitting_prompts(task_data["pref_val"], tok, seq)[:N_SAMPLES]]
     fingerprint = resume_fingerprint(params, inputs)
     lineage = {k: inputs[k] for k in ("policy", "reference", "data", "pairs") if inputs.get(k)}
     with env.tracker(params, lineage) as run:

@@ -17,8 +17,9 @@ from collections import Counter
 from pathlib import Path
 
 from lmforge.data.builtin import make_task_data
+from lmforge.data.prompts import fitting_prompts
 from lmforge.errors import LmforgeError
-from lmforge.evaluate import evaluate_model, fitting_prompts
+from lmforge.evaluate import evaluate_model
 from lmforge.files import atomic_write_json, atomic_write_text
 from lmforge.loader import load_model, read_checkpoint
 from lmforge.report import metrics_table, read_history, render_report, write_metrics_csv, write_plots

@@ -20,60 +20,18 @@ import torch
 
 from lmforge.config import TrainConfig
 from lmforge.data.builtin import make_task_data
-from lmforge.data.formats import load_prompts
 from lmforge.device import autocast
-from lmforge.errors import LmforgeError
+from lmforge.evaluate import greedy_responses, task_metrics
 from lmforge.rewards import RewardFunction
-from lmforge.stages.common import load_trainable, publish, resume_fingerprint, run_summary, setup
-from lmforge.stages.sft import N_SAMPLES, greedy_responses, sample_logger
-from lmforge.tasks import is_correct, is_dismissive
+from lmforge.stages.common import (N_SAMPLES, policy_and_prompts, publish, resume_fingerprint, run_summary, sample_logger,
+                                   setup, train_prompts)
+from lmforge.tasks import is_correct
 from lmforge.train.grpo import GRPOConfig, grpo_loss, make_rollout
 from lmforge.train.loop import final_weights, train
 from lmforge.train.policy import load_reference
 from lmforge.train.rollout import RolloutSchedule, prompt_stream
 
 VAL_PROMPTS = 500  # rl_dev prompts greedily answered at each evaluation: 100 pick a checkpoint within +-4 points only
-
-
-def prompt_ids(tok, prompt) -> list[int]:
-    return tok.prompt_ids(prompt) if isinstance(prompt, str) else tok.render_prompt(prompt)
-
-
-def fitting_prompts(records: list[dict], tok, max_seq_len: int) -> list[dict]:
-    """Prompt records that leave the context room for at least one response token."""
-    return [r for r in records if len(prompt_ids(tok, r["prompt"])) < max_seq_len]
-
-
-def heldout_metrics(model, tok, records: list[dict]) -> dict:
-    """Greedy accuracy and dismissive rate on single-turn prompt records with answers."""
-    responses = greedy_responses(model, tok, [r["prompt"] for r in records])
-    n = max(len(records), 1)
-    return {"accuracy": sum(is_correct(s, r["answer"], r["task"]) for s, r in zip(responses, records)) / n,
-            "dismissive_rate": sum(is_dismissive(s) for s in responses) / n}
-
-
-def train_prompts(params: dict, inputs: dict, task_data: dict, stage: str = "grpo") -> tuple[list[dict], str]:
-    """(prompt records, where they came from) for ``<stage>.data``: a file, a hub spec, or the builtin RL split."""
-    source = inputs.get("data") or params[stage]["data"]
-    if source is None:
-        return load_prompts(task_data["rl_train"], key=f"{stage}.data", name="builtin:rl_train"), "builtin:rl_train"
-    return load_prompts(source, key=f"{stage}.data"), str(source)
-
-
-def policy_and_prompts(stage: str, section: dict, inputs: dict, records: list[dict], source: str,
-                       task_data: dict, device):
-    """(policy, tokenizer, checkpoint, training prompts, held-out prompts, selection prompts) of an
-    RL-on-prompts stage: the policy with the section's training options (lora, gradient_checkpointing,
-    compile), and the prompts (rl_val and rl_dev for the last two) that leave room for a response."""
-    model, tok, ckpt = load_trainable(inputs["policy"], section, stage, device)
-    seq = ckpt["model_config"]["max_seq_len"]
-    prompts = fitting_prompts(records, tok, seq)
-    if not prompts:
-        raise LmforgeError(f"{stage}.data: no prompt in {source} leaves room for a response within "
-                           f"model.max_seq_len ({seq})")
-    heldout, dev = (fitting_prompts(load_prompts(task_data[split], key=stage, name=f"builtin:{split}"), tok, seq)
-                    for split in ("rl_val", "rl_dev"))
-    return model, tok, ckpt, prompts, heldout, dev
 
 
 def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
@@ -86,7 +44,7 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
 
     # ---- data: checked before any model is loaded ---------------------------------
     task_data = make_task_data(params["data"]["builtin"], params["seed"])
-    records, source = train_prompts(params, inputs, task_data)
+    records, source = train_prompts(params, inputs, task_data, "grpo")
     spec.check_prompts(records, source, key="grpo.reward_fn")
 
     model, tok, ckpt, prompts, heldout, dev = policy_and_prompts("grpo", section, inputs, records, source,
@@ -132,7 +90,7 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
                 "val_reward": reward_fn(val_records, responses).reward.mean().item()}
 
     sample_prompts = [r["prompt"] for r in heldout[:N_SAMPLES]]
-    before = heldout_metrics(model, tok, heldout)
+    before = task_metrics(model, tok, heldout)
     fingerprint = resume_fingerprint(params, inputs)
     lineage = {k: inputs[k] for k in ("policy", "reference", "reward_model", "data") if inputs.get(k)}
 
@@ -150,7 +108,7 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
         model.eval()
         with torch.no_grad(), autocast(device):
             final = eval_fn(model)
-            after = heldout_metrics(model, tok, heldout)
+            after = task_metrics(model, tok, heldout)
             replies = greedy_responses(model, tok, sample_prompts)
         metrics = {
             **final, "n_prompts": len(prompts), "n_prompts_skipped": len(records) - len(prompts),

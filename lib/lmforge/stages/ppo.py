@@ -23,10 +23,11 @@ import torch
 
 from lmforge.data.builtin import make_task_data
 from lmforge.data.formats import load_prompts
+from lmforge.data.prompts import fitting_prompts, prompt_ids
 from lmforge.device import autocast
 from lmforge.errors import LmforgeError
 from lmforge.rewards import RewardFunction, RewardSpec
-from lmforge.stages.common import load_trainable, publish, resume_fingerprint, run_summary, setup
+from lmforge.stages.common import N_SAMPLES, load_trainable, publish, resume_fingerprint, run_summary, setup
 from lmforge.tasks import is_correct
 from lmforge.train.loop import final_weights, train
 from lmforge.train.policy import load_reference, token_logprobs
@@ -34,31 +35,21 @@ from lmforge.train.ppo import (KLController, PolicyAndValue, PPOSettings, ppo_lo
                                train_config)
 from lmforge.train.rollout import RolloutSchedule, prompt_stream, sample_rollout
 
-N_SAMPLES = 5  # held-out prompts whose greedy answers are logged at every evaluation
 GEN_BATCH = 64  # prompts per generation batch in evaluation
-
-
-def fitting(records: list[dict], tok, max_seq_len: int) -> list[dict]:
-    """Prompt records that leave the context room for at least one response token."""
-    return [r for r in records if len(_prompt_ids(tok, r["prompt"])) < max_seq_len]
-
-
-def _prompt_ids(tok, prompt) -> list[int]:
-    return tok.prompt_ids(prompt) if isinstance(prompt, str) else tok.render_prompt(prompt)
 
 
 def train_prompts(section: dict, task_data: dict, tok, max_seq_len: int) -> tuple[list[dict], str]:
     """(training prompts, where they come from). Builtin prompts that do not fit are left out;
     a prompt of the user's file that does not fit is an error naming it."""
     if section["data"] is None:
-        records = fitting(load_prompts(task_data["rl_train"], key="ppo.data", name="builtin:rl_train"), tok,
-                          max_seq_len)
+        records = fitting_prompts(load_prompts(task_data["rl_train"], key="ppo.data", name="builtin:rl_train"), tok,
+                                  max_seq_len)
         if not records:
             raise LmforgeError(f"ppo: no builtin RL prompt fits model.max_seq_len ({max_seq_len}); raise it")
         return records, "builtin:rl_train"
     records = load_prompts(section["data"], key="ppo.data")
     for r in records:
-        n = len(_prompt_ids(tok, r["prompt"]))
+        n = len(prompt_ids(tok, r["prompt"], r["where"]))
         if n >= max_seq_len:
             raise LmforgeError(f"{r['where']}: the prompt has {n} tokens, leaving no room for a response within "
                                f"model.max_seq_len ({max_seq_len})")
@@ -125,8 +116,8 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
     task_data = make_task_data(params["data"]["builtin"], params["seed"])
     prompts, source = train_prompts(section, task_data, tok, seq)
     spec.check_prompts(prompts, source, "ppo.reward_fn")
-    val_records = fitting(load_prompts(task_data["rl_val"], key="ppo", name="builtin:rl_val"), tok, seq)
-    dev_records = fitting(load_prompts(task_data["rl_dev"], key="ppo", name="builtin:rl_dev"), tok, seq)
+    val_records = fitting_prompts(load_prompts(task_data["rl_val"], key="ppo", name="builtin:rl_val"), tok, seq)
+    dev_records = fitting_prompts(load_prompts(task_data["rl_dev"], key="ppo", name="builtin:rl_dev"), tok, seq)
     if not val_records or not dev_records:
         raise LmforgeError(f"ppo: no builtin held-out prompt fits model.max_seq_len ({seq}); raise it")
     sample_records = val_records[:N_SAMPLES]

@@ -8,6 +8,7 @@ from pathlib import Path
 from lmforge import distributed as dist
 from lmforge.config import TrainConfig
 from lmforge.errors import LmforgeError
+from lmforge.hf import init_model
 from lmforge.model import ModelConfig, Transformer
 from lmforge.stages.common import log_estimate, publish, resume_fingerprint, run_summary, setup, training_options
 from lmforge.tokenizer import LMTokenizer
@@ -17,8 +18,6 @@ from lmforge.train.loop import TrainResult, final_weights, train
 
 def build_model(model_params: dict, tok: LMTokenizer) -> tuple[Transformer, ModelConfig]:
     if model_params.get("init_from"):  # shape and weights of an imported Hugging Face model
-        from lmforge.hf import init_model
-
         return init_model(model_params, tok)
     cfg = ModelConfig.from_section(model_params)
     if tok.vocab_size > cfg.vocab_size:

@@ -11,6 +11,7 @@ import time
 from lmforge.config import TrainConfig
 from lmforge.data.builtin import make_task_data
 from lmforge.data.formats import load_preferences
+from lmforge.data.prompts import builtin_pairs
 from lmforge.stages.common import load_trainable, publish, resume_fingerprint, run_summary, setup
 from lmforge.errors import LmforgeError
 from lmforge.model import RewardModel
@@ -23,23 +24,6 @@ def with_default_margin(pairs: list[dict], margin: float | None) -> list[dict]:
     if margin is None:
         return pairs
     return [{**p, "margin": float(margin) if p["margin"] is None else p["margin"]} for p in pairs]
-
-
-def fitting(pairs: list[dict], tok, max_seq_len: int) -> list[dict]:
-    """Pairs whose prompt leaves room for at least one response token.
-
-    Only builtin pairs are filtered: the model's context is a config choice and
-    the builtin mixture should work with any. A user's file that does not fit
-    is an error naming the pair (``encode_pairs``).
-    """
-    return [p for p in pairs if len(tok.render_prompt(p["prompt"])) < max_seq_len]
-
-
-def builtin_pairs(task_data: dict, split: str, tok, max_seq_len: int) -> tuple[list[dict], int]:
-    """(pairs of a builtin split that fit the context, number left out)."""
-    pairs = load_preferences(task_data[split], name=f"builtin:{split}")
-    kept = fitting(pairs, tok, max_seq_len)
-    return kept, len(pairs) - len(kept)
 
 
 def run(params: dict, inputs: dict, outputs: dict, env) -> dict:

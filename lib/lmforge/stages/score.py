@@ -26,6 +26,7 @@ import torch
 
 from lmforge.data.builtin import make_task_data
 from lmforge.data.formats import load_prompts
+from lmforge.data.prompts import prompt_ids
 from lmforge.device import autocast
 from lmforge.errors import LmforgeError
 from lmforge.files import atomic_write, atomic_write_json, atomic_write_text
@@ -58,14 +59,6 @@ SAMPLE_COLUMNS = {
 # --------------------------------------------------------------------------- prompts
 
 
-def prompt_ids(tok, record: dict) -> list[int]:
-    """The generation prompt of an RL record: a user string, or messages ending with a user turn."""
-    prompt = record["prompt"]
-    if isinstance(prompt, str):
-        return tok.prompt_ids(prompt)
-    return tok.render_prompt(prompt, where=record.get("where", "prompt"))
-
-
 def score_prompts(params: dict, tok, max_seq_len: int) -> tuple[list[dict], str, int]:
     """(the first ``score.n_prompts`` prompts that fit the context, their source, how many were left out).
 
@@ -78,7 +71,7 @@ def score_prompts(params: dict, tok, max_seq_len: int) -> tuple[list[dict], str,
         source = section["data"]
         records = load_prompts(source, key="score.data")[:section["n_prompts"]]
         for r in records:
-            n = len(prompt_ids(tok, r))
+            n = len(prompt_ids(tok, r["prompt"], r.get("where", "prompt")))
             if n >= max_seq_len:
                 raise LmforgeError(
                     f"{r['where']}: the prompt is {n} tokens, but model.max_seq_len is {max_seq_len}; "
@@ -87,7 +80,7 @@ def score_prompts(params: dict, tok, max_seq_len: int) -> tuple[list[dict], str,
     source = "builtin:rl_train"
     task_data = make_task_data(params["data"]["builtin"], params["seed"])
     records = load_prompts(task_data["rl_train"], key="score.data", name=source)[:section["n_prompts"]]
-    kept = [r for r in records if len(prompt_ids(tok, r)) < max_seq_len]
+    kept = [r for r in records if len(prompt_ids(tok, r["prompt"], r.get("where", "prompt"))) < max_seq_len]
     if not kept:
         raise LmforgeError(f"score: no built-in prompt fits model.max_seq_len ({max_seq_len}); raise it")
     return kept, source, len(records) - len(kept)
@@ -99,7 +92,7 @@ def score_prompts(params: dict, tok, max_seq_len: int) -> tuple[list[dict], str,
 def sample_responses(policy, tok, records: list[dict], section: dict, generator: torch.Generator) -> GenerationOutput:
     """samples_per_prompt (k) responses per record, rows ordered prompt-major (record i's samples are rows
     i*k .. i*k+k-1)."""
-    ids = [prompt_ids(tok, r) for r in records]
+    ids = [prompt_ids(tok, r["prompt"], r.get("where", "prompt")) for r in records]
     k = section["samples_per_prompt"]
     return generate(policy, [p for p in ids for _ in range(k)], max_new_tokens=section["max_new_tokens"],
                     temperature=section["temperature"], top_k=section["top_k"], top_p=section["top_p"],

@@ -17,51 +17,18 @@ from lmforge import distributed as dist
 from lmforge.config import TrainConfig
 from lmforge.data.builtin import make_task_data
 from lmforge.data.formats import load_sft
-from lmforge.stages.common import load_trainable, publish, resume_fingerprint, run_summary, setup
+from lmforge.data.prompts import fitting_prompts
 from lmforge.errors import LmforgeError
-from lmforge.generate import generate
-from lmforge.model import Transformer
-from lmforge.tasks import is_correct, is_dismissive
-from lmforge.tokenizer import LMTokenizer
+from lmforge.evaluate import greedy_responses, task_metrics
+from lmforge.stages.common import (N_SAMPLES, load_trainable, publish, resume_fingerprint, run_summary, sample_logger,
+                                   setup)
 from lmforge.train.loop import final_weights, train
 from lmforge.train.sft import IGNORE, SFTBatches, encode_conversations, evaluate_sft, sft_loss
 
-N_SAMPLES = 5  # fixed held-out prompts whose greedy answers are logged at every evaluation
-TASK_EVAL_TOKENS = 32  # enough for every built-in task's answer sentence
 
-
-def greedy_responses(model: Transformer, tok: LMTokenizer, prompts: list[str],
-                     max_new_tokens: int = TASK_EVAL_TOKENS, batch_size: int = 64) -> list[str]:
-    """Temperature-0 answers to single-turn user prompts, cut at ``<|end|>``."""
-    ids = [tok.prompt_ids(p) for p in prompts]
-    out = generate(model, ids, max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=(tok.end_id,),
-                   pad_id=tok.pad_id, batch_size=batch_size)
-    return [tok.decode([t for t in toks if t != tok.end_id]) for toks in out.tokens]
-
-
-def sample_logger(run, tok: LMTokenizer, prompts: list[str]):
-    """An ``on_eval`` hook for the training loop: log the model's greedy answers to ``prompts`` to MLflow."""
-    def log_samples(model: torch.nn.Module, step: int) -> None:
-        with torch.no_grad():
-            replies = greedy_responses(model, tok, prompts)
-        run.log_text("\n\n".join(f"> {p}\n{r}" for p, r in zip(prompts, replies)), f"samples/step_{step:06d}.txt")
-
-    return log_samples
-
-
-def fitting(records: list[dict], tok: LMTokenizer, max_seq_len: int) -> list[dict]:
-    """Task records whose prompt leaves the context room for at least one answer token."""
-    return [r for r in records if len(tok.prompt_ids(r["messages"][0]["content"])) < max_seq_len]
-
-
-def task_metrics(model: Transformer, tok: LMTokenizer, records: list[dict]) -> dict:
-    """accuracy and dismissive_rate of greedy answers to held-out task records
-    (``{"messages": [user, assistant], "task", "answer"}``)."""
-    prompts = [r["messages"][0]["content"] for r in records]
-    responses = greedy_responses(model, tok, prompts)
-    n = max(len(records), 1)
-    return {"accuracy": sum(is_correct(s, r["answer"], r["task"]) for s, r in zip(responses, records)) / n,
-            "dismissive_rate": sum(is_dismissive(s) for s in responses) / n}
+def user_prompt(record: dict) -> str:
+    """The prompt of a held-out task record (``{"messages": [user, assistant], "task", "answer"}``)."""
+    return record["messages"][0]["content"]
 
 
 def rank_sft_loss(pad_id: int):
@@ -108,9 +75,10 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
           f"steps per epoch, {len(val_ex)} held out, on {device}")
 
     # A tiny context may not hold every prompt; those are left out of the generation metrics.
-    gen_records = fitting(val_records, tok, seq)
-    sample_prompts = [r["messages"][0]["content"] for r in gen_records[:N_SAMPLES]]
-    before = task_metrics(model, tok, gen_records)
+    gen_records = fitting_prompts(val_records, tok, seq, user_prompt)
+    gen_prompts = [user_prompt(r) for r in gen_records]
+    sample_prompts = gen_prompts[:N_SAMPLES]
+    before = task_metrics(model, tok, gen_records, gen_prompts)
     fingerprint = resume_fingerprint(params, inputs)
 
     with env.tracker(params, {"model": inputs["model"]}) as run:
@@ -130,7 +98,7 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
         model.load_state_dict(final_weights(result, tcfg))
         model.eval()
         final = evaluate_sft(model, val_batches)
-        after = task_metrics(model, tok, gen_records)
+        after = task_metrics(model, tok, gen_records, gen_prompts)
         with torch.no_grad():
             replies = greedy_responses(model, tok, sample_prompts)
         metrics = {

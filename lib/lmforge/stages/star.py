@@ -31,9 +31,8 @@ import torch
 from lmforge.config import TrainConfig
 from lmforge.data.builtin import make_task_data
 from lmforge.device import autocast
-from lmforge.stages.common import publish, resume_fingerprint, setup
-from lmforge.stages.grpo import heldout_metrics, policy_and_prompts, train_prompts
-from lmforge.stages.sft import N_SAMPLES, greedy_responses
+from lmforge.evaluate import greedy_responses, task_metrics
+from lmforge.stages.common import N_SAMPLES, policy_and_prompts, publish, resume_fingerprint, setup, train_prompts
 from lmforge.train.loop import final_weights, train
 from lmforge.train.rollout import prompt_stream, sample_rollout
 from lmforge.train.sft import SFTBatches, encode_conversations, evaluate_sft, sft_loss
@@ -80,7 +79,7 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
 
     sample_prompts = [r["prompt"] for r in heldout[:N_SAMPLES]]
     with torch.no_grad(), autocast(device):
-        before = heldout_metrics(model, tok, heldout)
+        before = task_metrics(model, tok, heldout)
     fingerprint = resume_fingerprint(params, inputs)  # each round adds its number and training set
     lineage = {k: inputs[k] for k in ("policy", "data") if inputs.get(k)}
 
@@ -130,7 +129,7 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
             steps += stats["steps"]
 
             with torch.no_grad(), autocast(device):
-                acc = heldout_metrics(model, tok, heldout)
+                acc = task_metrics(model, tok, heldout)
             entry = {"round": r, "n_prompts": len(ro) // cfg.samples_per_prompt, "n_sampled": len(ro),
                      "n_correct": n_correct, "n_kept": len(kept), "n_train": len(kept_all),
                      "prompts_solved": len({json.dumps(s["prompt"]) for s in kept}), **stats,

@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from lmforge.data.prompts import prompt_ids
 from lmforge.generate import generate
 from lmforge.train.policy import CompletionBatch, completion_batch
 
@@ -61,8 +62,7 @@ def sample_rollout(policy, tok, records: Sequence[dict], *, n_per_prompt: int, m
                    batch_size: int | None = None, device=None) -> Rollout:
     """``n_per_prompt`` samples for each record (rows grouped: prompt 0's samples first), stopped at ``<|end|>``."""
     rows = [r for r in records for _ in range(n_per_prompt)]
-    prompts = [tok.prompt_ids(r["prompt"]) if isinstance(r["prompt"], str) else tok.render_prompt(r["prompt"])
-               for r in rows]
+    prompts = [prompt_ids(tok, r["prompt"]) for r in rows]
     out = generate(policy, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                    top_p=top_p, stop_ids=(tok.end_id,), pad_id=tok.pad_id, generator=generator,
                    batch_size=batch_size)
