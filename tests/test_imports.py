@@ -33,7 +33,8 @@ LAYERS = [
 ALLOWED_LOCAL = {
     "lmforge.cli": "each subcommand imports the library it runs, so `lmforge --help` and `lmforge run` "
                    "start without loading torch",
-    "lmforge.workflow": "Snakemake imports it to build the DAG; MLflow tracking loads only when a stage runs",
+    "lmforge.workflow": "Snakemake imports it for every rule; lmforge.tracking (~0.07 s of imports) loads only "
+                        "when a stage opens its MLflow run",
     "lmforge.data.sources": "the embedded corpora (data.builtin, ~0.14 s to import) load only when a source "
                             "names one, so parsing a config stays cheap",
 }
