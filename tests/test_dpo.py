@@ -216,6 +216,7 @@ def run_stage(tmp_path, inputs, **dpo):
     return stage.run(stage_params(**dpo), inputs, outputs, env), out
 
 
+@pytest.mark.integration
 def test_stage_end_to_end_with_a_separate_reference(tmp_path, tok, monkeypatch):
     sft = save_lm(tmp_path / "sft.pt", tiny_model(tok, seed=4), tok)
     ref_path = save_lm(tmp_path / "ref.pt", tiny_model(tok, seed=5), tok)
@@ -250,6 +251,7 @@ def test_stage_end_to_end_with_a_separate_reference(tmp_path, tok, monkeypatch):
     assert any((a - b).abs().max() > 0 for a, b in zip(model.state_dict().values(), start.state_dict().values()))
 
 
+@pytest.mark.integration
 def test_stage_without_reference_uses_sft_and_resumes(tmp_path, tok):
     sft = save_lm(tmp_path / "sft.pt", tiny_model(tok, seed=4), tok)
     first, _ = run_stage(tmp_path, {"policy": sft}, loss_type="ipo", beta=0.5)
@@ -290,6 +292,7 @@ def test_stage_config_errors_come_before_any_work(tmp_path, tok):
 
 
 @pytest.mark.parametrize("source", ["data", "on_policy", "mixed"])
+@pytest.mark.integration
 def test_stage_trains_on_a_pair_file_or_on_policy_pairs(tmp_path, tok, source):
     sft = save_lm(tmp_path / "sft.pt", tiny_model(tok, seed=4), tok)
     path = tmp_path / "pairs.jsonl"
@@ -316,6 +319,7 @@ def test_mixed_pairs_repeat_the_on_policy_ones_to_their_share():
 
 
 @pytest.mark.parametrize("on_policy", [True, "mixed"])
+@pytest.mark.integration
 def test_on_policy_pairs_without_the_scored_file_is_an_error(tmp_path, tok, on_policy):
     sft = save_lm(tmp_path / "sft.pt", tiny_model(tok, seed=4), tok)
     with pytest.raises(LmforgeError, match=rf"^config key 'dpo.on_policy' is {on_policy}, but no scored pairs file"):

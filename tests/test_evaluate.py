@@ -236,6 +236,7 @@ def same(a, b) -> bool:
     return (b is None and pd.isna(a)) or a == pytest.approx(b, rel=1e-12)
 
 
+@pytest.mark.integration
 def test_metrics_csv_has_a_row_per_stage_equal_to_summary(evaluated):
     out, summary = evaluated
     assert summary == json.loads((out / "summary.json").read_text())
@@ -264,6 +265,7 @@ def test_metrics_csv_has_a_row_per_stage_equal_to_summary(evaluated):
     assert summary["reference"] == "sft" and summary["notes"] == []
 
 
+@pytest.mark.integration
 def test_report_samples_and_plots(evaluated):
     out, summary = evaluated
     report = (out / "report.md").read_text()
@@ -289,6 +291,7 @@ def test_report_samples_and_plots(evaluated):
     assert "![pretrain](plots/pretrain.png)" in report
 
 
+@pytest.mark.integration
 def test_without_sft_win_rate_and_kl_are_omitted(pipeline, tmp_path):
     summary = run_stage(pipeline, tmp_path, stages=("pretrain",))
     m = summary["stages"]["pretrain"]
@@ -313,6 +316,7 @@ def test_tokenizer_mismatch_names_both_files(pipeline, tok, tmp_path):
         run_stage({**pipeline, "model_dpo": str(tmp_path / "missing.pt")}, tmp_path / "out")
 
 
+@pytest.mark.integration
 def test_mlflow_gets_per_stage_metrics_and_the_report(pipeline, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 

@@ -322,6 +322,7 @@ def reference_loads(monkeypatch):
     return loads
 
 
+@pytest.mark.integration
 def test_stage_writes_model_and_metrics(tmp_path, policy, reference_loads):
     metrics, outputs = stage_run(tmp_path, policy, batch_size=1)
     on_disk = json.loads(open(outputs["metrics"]).read())
@@ -339,6 +340,7 @@ def test_stage_writes_model_and_metrics(tmp_path, policy, reference_loads):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), start.state_dict().values()))
 
 
+@pytest.mark.integration
 def test_checkpoints_are_picked_on_rl_dev_and_rl_val_is_only_reported(tmp_path, policy, monkeypatch):
     asked = []
     real = grpo_stage.greedy_responses
@@ -369,6 +371,7 @@ class LengthReward:
         return Rewards(reward=torch.tensor([float(len(r)) for r in responses]))
 
 
+@pytest.mark.integration
 def test_beta_zero_loads_no_reference_and_trains(tmp_path, policy, reference_loads, monkeypatch):
     monkeypatch.setattr(grpo_stage, "RewardFunction", LengthReward)
     metrics, outputs = stage_run(tmp_path, policy, beta=0.0, temperature=2.0, max_steps=1, eval_every=1)

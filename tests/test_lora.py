@@ -270,6 +270,7 @@ def run_stage(module, name, tmp_path, inputs, **section):
     return module.run(params, inputs, outputs, env), outputs["model"]
 
 
+@pytest.mark.integration
 def test_lora_and_qlora_stages_save_adapters_and_reuse_the_base_as_reference(tmp_path, tok, monkeypatch,
                                                                              constructions):
     pre = save_lm(tmp_path / "pretrain.pt", tiny(tok.vocab_size), tok)
@@ -307,6 +308,7 @@ def test_lora_and_qlora_stages_save_adapters_and_reuse_the_base_as_reference(tmp
     assert torch.load(ppo, weights_only=False)["kind"] == "lora"
 
 
+@pytest.mark.integration
 def test_dpo_and_reward_stages_with_lora(tmp_path, tok, constructions):
     pre = save_lm(tmp_path / "sft.pt", tiny(tok.vocab_size), tok)
     constructions.clear()

@@ -285,6 +285,7 @@ def test_reference_with_another_tokenizer_is_refused(tmp_path, ckpts):
 
 
 @pytest.mark.parametrize("value_model,kl_target", [("separate", None), ("shared", 0.5)])
+@pytest.mark.integration
 def test_tiny_stage_run_writes_policy_and_metrics(tmp_path, ckpts, value_model, kl_target, capsys):
     params = stage_params(value_model=value_model, kl_target=kl_target, kl_coef=0.05,
                           reward_fn={"rm": 1.0, "verifiable": 0.5})
@@ -324,6 +325,7 @@ def test_tiny_stage_run_writes_policy_and_metrics(tmp_path, ckpts, value_model, 
         assert it1["kl_coef"] == 0.05
 
 
+@pytest.mark.integration
 def test_checkpoints_are_picked_on_rl_dev_and_rl_val_is_only_reported(tmp_path, ckpts, monkeypatch):
     asked = []
     real = stage.heldout_metrics
@@ -342,6 +344,7 @@ def test_checkpoints_are_picked_on_rl_dev_and_rl_val_is_only_reported(tmp_path, 
     assert sum(a <= dev for a in asked) == 2 and all(a <= val for a in asked if not a <= dev)
 
 
+@pytest.mark.integration
 def test_resumed_run_matches_uninterrupted_run(tmp_path, ckpts):
     """Stopped at an iteration boundary and resumed with more steps: same weights, same adaptive KL coefficient."""
     inputs = {"policy": ckpts["policy"], "reward_model": ckpts["reward_model"]}

@@ -103,6 +103,7 @@ def scored(models, tmp_path_factory):
     return out_dir, p, summary, gen
 
 
+@pytest.mark.integration
 def test_samples_table(models, scored):
     d, tok = models
     out_dir, p, summary, gen = scored
@@ -133,6 +134,7 @@ def test_samples_table(models, scored):
     assert table.loc[0, "correct"]  # the answer was made from this very sample
 
 
+@pytest.mark.integration
 def test_summary_agrees_with_the_table(scored):
     out_dir, p, summary, _ = scored
     table = pd.read_parquet(out_dir / "samples.parquet")
@@ -154,6 +156,7 @@ def test_summary_agrees_with_the_table(scored):
     assert on_disk["source"] == p["score"]["data"]
 
 
+@pytest.mark.integration
 def test_pairs_load_as_preferences(scored):
     out_dir, _, summary, _ = scored
     table = pd.read_parquet(out_dir / "samples.parquet")
@@ -169,6 +172,7 @@ def test_pairs_load_as_preferences(scored):
         assert chosen > rejected and pair["margin"] == pytest.approx(chosen - rejected)
 
 
+@pytest.mark.integration
 def test_same_seed_same_samples(models, scored, tmp_path):
     d, _ = models
     out_dir, p, _, _ = scored
@@ -178,6 +182,7 @@ def test_same_seed_same_samples(models, scored, tmp_path):
     assert (out_dir / "pairs.jsonl").read_text() == (tmp_path / "pairs.jsonl").read_text()
 
 
+@pytest.mark.integration
 def test_builtin_prompts_leave_out_those_too_long(models, tmp_path):
     """The builtin rl_train prompts, a 14-token context and the verifiable reward only (no reward model)."""
     d, tok = models
@@ -233,6 +238,7 @@ def test_no_reward_weight_is_an_error(models, tmp_path):
                   {"policy": str(d / "policy.pt")}, outputs(tmp_path), env())
 
 
+@pytest.mark.integration
 def test_mlflow_run_mirrors_the_summary(models, tmp_path):
     from mlflow.tracking import MlflowClient
 

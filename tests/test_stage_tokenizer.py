@@ -17,6 +17,7 @@ def write(tmp_path, tok_section: str) -> str:
     return str(cfg)
 
 
+@pytest.mark.integration
 def test_bpe_then_pretrained_gives_the_same_tokenizer(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["run", "tokenizer", "--config", write(tmp_path, "{vocab_size: 330}")]) == 0

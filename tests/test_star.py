@@ -137,6 +137,7 @@ def train_calls(monkeypatch):
     return calls
 
 
+@pytest.mark.integration
 def test_stage_writes_model_and_per_round_metrics(tmp_path, policy, lenient, train_calls):
     metrics, outputs = stage_run(tmp_path, policy)
     on_disk = json.loads(open(outputs["metrics"]).read())
@@ -160,6 +161,7 @@ def test_stage_writes_model_and_per_round_metrics(tmp_path, policy, lenient, tra
     assert any(not torch.equal(v, start[k]) for k, v in ckpt_model.state_dict().items())
 
 
+@pytest.mark.integration
 def test_a_rerun_resumes_each_finished_round_to_the_same_model(tmp_path, policy, lenient):
     first, outputs = stage_run(tmp_path, policy)
     before = weights(outputs["model"])
@@ -169,6 +171,7 @@ def test_a_rerun_resumes_each_finished_round_to_the_same_model(tmp_path, policy,
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.integration
 def test_nothing_correct_leaves_the_sft_model(tmp_path, policy):
     # An untrained model answers nothing right: no round has anything to train on.
     metrics, outputs = stage_run(tmp_path, policy)
@@ -177,6 +180,7 @@ def test_nothing_correct_leaves_the_sft_model(tmp_path, policy):
     assert all(torch.equal(start[k], published[k]) for k in start)
 
 
+@pytest.mark.integration
 def test_prompts_without_reference_answers_fail_before_any_model_is_loaded(tmp_path):
     data = tmp_path / "prompts.jsonl"
     data.write_text('{"prompt": "Say hello."}\n{"prompt": "What is 1 + 1?", "answer": "2"}\n')
