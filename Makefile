@@ -29,8 +29,8 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q --durations=20
 
-# The library in one process: no Snakemake, SLURM, MLflow server, torchrun, subprocess or
-# torch.compile (those carry the `integration` marker, see pyproject.toml).
+# The library in one process: no Snakemake, SLURM, MLflow server, torchrun, subprocess,
+# torch.compile or whole-stage training run (those carry the `integration` marker, see pyproject.toml).
 test-unit: setup
 	$(BIN)/python -m pytest -q -m "not integration"
 

@@ -238,6 +238,7 @@ def test_every_schema_key_has_a_description():
     assert missing == []
 
 
+@pytest.mark.integration  # a fresh interpreter
 def test_checking_the_default_config_does_not_import_torch():
     code = ("import sys, lmforge.config as c; c.load_config('config/config.yaml'); "
             "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('lmforge'))")

@@ -75,6 +75,7 @@ print(json.dumps(found))
 """
 
 
+@pytest.mark.integration  # a fresh interpreter
 def test_the_closure_covers_every_module_python_loads_for_each_stage():
     # Everything importing a stage (and the rule's entry point) loads must be in its code version;
     # function-local imports add to that, never remove.
@@ -131,6 +132,7 @@ def test_inputs_and_outputs_follow_the_config(tmp_path):
     assert {"model_pretrain", "model_dpo", "reward_model", "val", "meta"} == set(pipeline.stage_inputs("evaluate", config))
 
 
+@pytest.mark.integration  # a fresh interpreter
 def test_building_the_dag_imports_no_torch():
     code = ("import sys; from lmforge.config import load_config; from lmforge import pipeline; "
             "c = load_config('config/config.yaml'); "
