@@ -256,10 +256,12 @@ def test_stage_without_reference_uses_sft_and_resumes(tmp_path, tok):
     sft = save_lm(tmp_path / "sft.pt", tiny_model(tok, seed=4), tok)
     first, _ = run_stage(tmp_path, {"policy": sft}, loss_type="ipo", beta=0.5)
     assert first["beta"] == 0.5 and first["loss_type"] == "ipo" and first["resumed_from"] is None
-    # Raising max_steps extends the finished run from its checkpoint (the reference is still the SFT model).
-    again, _ = run_stage(tmp_path, {"policy": sft}, loss_type="ipo", beta=0.5, max_steps=4)
-    assert again["resumed_from"] == 3 and again["steps"] == 4
-    # Another loss (here the RPO weight) is another run: its checkpoints are not resumed.
+    # The same config again resumes the finished run (the reference is still the SFT model): nothing to train.
+    again, _ = run_stage(tmp_path, {"policy": sft}, loss_type="ipo", beta=0.5)
+    assert again["resumed_from"] == 3 and again["steps"] == 3
+    # Another max_steps is another schedule, and another loss (the RPO weight) another run: both start fresh.
+    longer, _ = run_stage(tmp_path, {"policy": sft}, loss_type="ipo", beta=0.5, max_steps=4)
+    assert longer["resumed_from"] is None and longer["steps"] == 4
     other, _ = run_stage(tmp_path, {"policy": sft}, loss_type="ipo", beta=0.5, max_steps=4, rpo_alpha=1.0)
     assert other["resumed_from"] is None and other["steps"] == 4
 

@@ -345,11 +345,27 @@ def test_checkpoints_are_picked_on_rl_dev_and_rl_val_is_only_reported(tmp_path, 
 
 
 @pytest.mark.integration
-def test_resumed_run_matches_uninterrupted_run(tmp_path, ckpts):
-    """Stopped at an iteration boundary and resumed with more steps: same weights, same adaptive KL coefficient."""
+def test_resumed_run_matches_uninterrupted_run(tmp_path, ckpts, monkeypatch):
+    """Killed after an iteration boundary and rerun with the same config: same weights, same adaptive KL coefficient."""
+    from lmforge.train import loop
+
     inputs = {"policy": ckpts["policy"], "reward_model": ckpts["reward_model"]}
     full, full_out = run_stage(tmp_path / "full", stage_params(kl_target=0.5, max_steps=6), inputs)
-    run_stage(tmp_path / "split", stage_params(kl_target=0.5, max_steps=2), inputs)
+
+    class Killed(Exception):
+        pass
+
+    log_step = loop.Log.step
+
+    def killed_at_step_3(self, step, metrics, every):  # after the checkpoint of step 2 (checkpoint_every 2)
+        if step == 3:
+            raise Killed
+        log_step(self, step, metrics, every)
+
+    with monkeypatch.context() as m:
+        m.setattr(loop.Log, "step", killed_at_step_3)
+        with pytest.raises(Killed):
+            run_stage(tmp_path / "split", stage_params(kl_target=0.5, max_steps=6), inputs)
     resumed, resumed_out = run_stage(tmp_path / "split", stage_params(kl_target=0.5, max_steps=6), inputs)
     assert resumed["resumed_from"] == 2 and [it["iteration"] for it in resumed["iterations"]] == [1, 2]
     assert resumed["iterations"][-1]["kl_coef"] == pytest.approx(full["iterations"][-1]["kl_coef"], rel=1e-6)
