@@ -11,7 +11,7 @@ import ast
 import fnmatch
 from pathlib import Path
 
-import pytest
+from lmforge import imports
 
 LIB = Path(__file__).resolve().parents[1] / "lib"
 
@@ -33,22 +33,12 @@ LAYERS = [
 ALLOWED_LOCAL = {
     "lmforge.cli": "each subcommand imports the library it runs, so `lmforge --help` and `lmforge run` "
                    "start without loading torch",
-    "lmforge.workflow": "Snakemake imports it for every rule; lmforge.tracking (~0.07 s of imports) loads only "
-                        "when a stage opens its MLflow run",
     "lmforge.data.sources": "the embedded corpora (data.builtin, ~0.14 s to import) load only when a source "
                             "names one, so parsing a config stays cheap",
 }
 
 
-def modules() -> dict[str, Path]:
-    found = {}
-    for path in sorted((LIB / "lmforge").rglob("*.py")):
-        parts = path.relative_to(LIB).with_suffix("").parts
-        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
-    return found
-
-
-MODULES = modules()
+MODULES = {m: imports.module_file(m) for m in imports.all_modules()}
 
 
 def lmforge_imports(name: str) -> list[tuple[str, int, bool]]:
@@ -82,29 +72,6 @@ def graph() -> dict[str, set[str]]:
     return {m: {target for target, _, _ in lmforge_imports(m)} - {m} for m in MODULES}
 
 
-def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
-    """One cycle as [a, b, ..., a], or None."""
-    state: dict[str, int] = {}  # 1: on the current path, 2: done
-    path: list[str] = []
-
-    def visit(node: str) -> list[str] | None:
-        state[node] = 1
-        path.append(node)
-        for nxt in sorted(edges.get(node, ())):
-            if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
-            if nxt not in state and (cycle := visit(nxt)):
-                return cycle
-        path.pop()
-        state[node] = 2
-        return None
-
-    for start in sorted(edges):
-        if start not in state and (cycle := visit(start)):
-            return cycle
-    return None
-
-
 def layer_of(module: str) -> int:
     for i, (_, patterns) in enumerate(LAYERS):
         if any(fnmatch.fnmatchcase(module, p) for p in patterns):
@@ -120,7 +87,8 @@ def test_the_scan_finds_the_known_imports():
 
 
 def test_the_library_has_no_import_cycle():
-    cycle = find_cycle(graph())
+    assert imports.find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    cycle = imports.find_cycle(graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
@@ -149,7 +117,6 @@ def test_lmforge_imports_sit_at_the_top_of_each_file():
 def test_the_workflow_code_hash_sees_the_same_imports():
     """lmforge.imports reads the graph with a regular expression (fast enough for every Snakemake call);
     it must find the statements the ast finds."""
-    imports = pytest.importorskip("lmforge.imports")
     for m in MODULES:
         ours = {(t, line, nested) for t, line, nested in lmforge_imports(m)}
         theirs = set(imports.imports_of(m))

@@ -87,18 +87,6 @@ def test_the_closure_covers_every_module_python_loads_for_each_stage():
         assert not missing, f"{stage} loads {sorted(missing)} outside its code closure"
 
 
-def test_the_fast_import_scan_finds_what_ast_finds():
-    import ast
-
-    for module in imports.all_modules():
-        path = imports.module_file(module)
-        tree = ast.parse(path.read_text())
-        lines = {n.lineno for n in ast.walk(tree)
-                 if isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[0] == "lmforge"
-                 or isinstance(n, ast.Import) and any(a.name.split(".")[0] == "lmforge" for a in n.names)}
-        assert {line for _, line, _ in imports.imports_of(module)} == lines, module
-
-
 def _reordered(value):
     """The same config with every mapping's keys in reverse order (as a YAML tool that sorts might write it)."""
     if isinstance(value, dict):

@@ -15,6 +15,7 @@ from typing import Callable
 from lmforge.distributed import launch
 from lmforge.errors import LmforgeError
 from lmforge.pipeline import process_settings, stage_of_rule
+from lmforge.tracking import StageRun
 
 
 @dataclass
@@ -36,8 +37,6 @@ class StageEnv:
         return Path(self.ckpt_root) / self.stage
 
     def tracker(self, params: dict, inputs: dict):
-        from lmforge.tracking import StageRun
-
         return StageRun(self.stage, params=params, experiment=self.experiment, uri=self.tracking_uri,
                         enabled=self.tracking_enabled, tags=self.tags, inputs=inputs)
 
