@@ -14,7 +14,7 @@ import yaml
 from lmforge.config import apply_schema, check_config, load_config, load_schema
 from lmforge.data.formats import (FINAL_ANSWER, FORMATS, KINDS, check_format, detect_format, load_preferences,
                                   load_process, load_prompts, load_sft, oasst_records, to_messages)
-from lmforge.data.sources import data_file, data_fingerprint, parse_data_spec
+from lmforge.data.sources import data_file, parse_data_spec
 from lmforge.errors import LmforgeError
 from lmforge.tasks import is_correct
 
@@ -443,16 +443,10 @@ def test_data_spec_errors_name_the_key(value, fragment):
         parse_data_spec(value, "sft.data")
 
 
-def test_data_file_and_fingerprint(tmp_path):
+def test_data_file_is_the_local_file_a_data_value_names(tmp_path):
     path = write_jsonl(tmp_path / "x.jsonl", ALPACA)
-    from lmforge.files import file_sha256
-
-    assert data_file(str(path)) == str(path) and data_file("tatsu-lab/alpaca") is None and data_file(None) is None
-    assert data_fingerprint(str(path)) == file_sha256(path)  # a plain path: the same id as before specs existed
-    assert data_fingerprint({"source": str(path), "format": "alpaca"}) == {"sha256": file_sha256(path),
-                                                                           "format": "alpaca"}
-    assert data_fingerprint({"source": "openai/gsm8k", "subset": "main", "revision": "v1"}) == {
-        "source": "openai/gsm8k", "subset": "main", "revision": "v1"}
+    assert data_file(str(path)) == str(path) and data_file({"source": str(path), "format": "alpaca"}) == str(path)
+    assert data_file("tatsu-lab/alpaca") is None and data_file(None) is None
 
 
 # --------------------------------------------------------------------------- config and presets

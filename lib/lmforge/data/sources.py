@@ -53,7 +53,6 @@ from typing import TYPE_CHECKING, Any
 
 from lmforge.data.records import RECORD_SUFFIXES, iter_jsonl, location, read_records, record_error
 from lmforge.errors import LmforgeError
-from lmforge.files import file_sha256
 
 if TYPE_CHECKING:  # datasets takes ~1 s to import; only the loading functions need it
     from datasets import IterableDataset
@@ -591,16 +590,3 @@ def data_file(value: Any, key: str = "data") -> str | None:
     spec = parse_data_spec(value, key)
     return spec.source if spec.is_file else None
 
-
-def data_fingerprint(value: Any, key: str = "data") -> str | dict:
-    """What identifies a stage's data for resuming: the file's sha256 (just that, for a plain path),
-    else the sha256 plus the reading options, or the Hub spec (pin ``revision`` to make it exact)."""
-    spec = parse_data_spec(value, key)
-    options = {k: getattr(spec, k) for k in DATA_SPEC_KEYS if k != "source" and getattr(spec, k) != _DEFAULTS[k]}
-    if not spec.is_file:
-        return {"source": spec.source, **options}
-    digest = file_sha256(spec.source)
-    return {"sha256": digest, **options} if options else digest
-
-
-_DEFAULTS = {f: DataSpec.__dataclass_fields__[f].default for f in DATA_SPEC_KEYS if f != "source"}
