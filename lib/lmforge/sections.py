@@ -161,6 +161,8 @@ def check_lora(section_lora: dict | None, key: str) -> None:
 
 @dataclass
 class TokenizerConfig(Section):
+    """The tokenizer, trained here (byte-level BPE) or loaded."""
+
     type: str = "bpe"
     """bpe: train a byte-level BPE here | pretrained: load ``path``."""
     path: str | None = None
@@ -294,6 +296,7 @@ class RewardModelConfig(TrainConfig):
     center_coef: float
     """Weight of the penalty that keeps rewards centred on 0."""
     lora: dict | None
+    """LoRA/QLoRA adapters (the score head trains too), or null."""
 
     def check(self, key: str) -> None:
         super().check(key)
@@ -305,6 +308,7 @@ class DPOConfig(TrainConfig):
     """Direct preference optimisation; ``batch_size`` counts preference pairs per forward-backward pass."""
 
     data: Any
+    """null: the builtin preference pairs | a record file of pairs or rankings."""
     on_policy: bool | str
     """false: static pairs | true: the scored on-policy pairs | mixed: both."""
     on_policy_share: float
@@ -320,6 +324,7 @@ class DPOConfig(TrainConfig):
     rpo_alpha: float
     """Weight of the chosen answers' per-token NLL (RPO; 0: plain DPO)."""
     lora: dict | None
+    """LoRA/QLoRA adapters (the reference is then the policy with them off), or null."""
 
     def check(self, key: str) -> None:
         super().check(key)
@@ -339,16 +344,21 @@ class RolloutConfig(TrainConfig):
     reference: str | None
     """Frozen reference checkpoint (null: the SFT model)."""
     reward_fn: RewardSpec | dict
+    """The reward's weights (a RewardSpec once checked)."""
     rollout_batch_size: int
     """Prompts sampled per iteration."""
     ppo_epochs: int
     """Passes over an iteration's rollouts."""
     max_new_tokens: int
+    """Longest response sampled, in tokens."""
     temperature: float
     """Sampling temperature; log-probs are taken at the same temperature."""
     top_k: int
+    """Sample among the k likeliest tokens (0: off)."""
     top_p: float
+    """Nucleus sampling mass (1: off)."""
     lora: dict | None
+    """LoRA/QLoRA adapters, or null."""
 
     @classmethod
     def from_dict(cls, section: dict[str, Any], key: str):
@@ -383,19 +393,31 @@ class PPOConfig(RolloutConfig):
     """PPO with a value function; one sampled response (a rollout) per prompt."""
 
     missing_eos_penalty: float
+    """Subtracted from the reward of a response that never emits <|end|>."""
     kl_coef: float
+    """Weight of the per-token KL penalty (the initial value when adaptive)."""
     kl_estimator: str
+    """k1 | k3."""
     kl_target: float | None
+    """null: a fixed kl_coef | the adaptive controller's target KL."""
     kl_horizon: int
+    """The adaptive controller's horizon, in rollouts."""
     gamma: float
+    """Discount factor."""
     gae_lambda: float
+    """GAE's lambda."""
     whiten_advantages: bool
+    """Normalise an iteration's advantages to mean 0, std 1."""
     whiten_rewards: bool
+    """Scale the per-token rewards by their std."""
     clip_range: float
     """Policy ratio clip: rho in [1 - clip_range, 1 + clip_range]."""
     clip_range_value: float
+    """Value clip: a new value stays within this of the old one."""
     vf_coef: float
+    """Weight of the value loss."""
     value_model: str
+    """separate: a critic with its own trunk | shared: a value head on the policy."""
 
 
 @dataclass(kw_only=True)
@@ -441,6 +463,7 @@ class StarConfig(TrainConfig):
     """STaR rounds: sample, keep the verified answers, fine-tune; ``batch_size`` counts kept answers."""
 
     data: Any
+    """null: the builtin RL prompts | a prompt record file (every prompt needs an answer)."""
     rounds: int
     """Sample-filter-train rounds; each samples from the previous round's model."""
     samples_per_prompt: int
@@ -448,12 +471,17 @@ class StarConfig(TrainConfig):
     n_prompts: int
     """Prompts sampled per round (a fresh slice of a seeded shuffle each round)."""
     max_new_tokens: int
+    """Longest answer sampled, in tokens."""
     temperature: float
+    """Sampling temperature (0: greedy)."""
     top_k: int
+    """Sample among the k likeliest tokens (0: off)."""
     top_p: float
+    """Nucleus sampling mass (1: off)."""
     sample_batch_size: int
     """Rows (prompt x sample) per generation batch: bounds the KV cache."""
     packing: bool
+    """Pack kept answers into full rows | false: one per row."""
 
     def check(self, key: str) -> None:
         super().check(key)
@@ -473,16 +501,23 @@ class ScoreConfig(Section):
     """Reward scoring of the SFT model's samples."""
 
     data: Any
+    """null: the builtin RL prompts | a prompt record file."""
     n_prompts: int
+    """Prompts scored."""
     samples_per_prompt: int
     """Answers sampled per prompt (best vs worst gives an on-policy DPO pair)."""
     max_new_tokens: int
+    """Longest answer sampled, in tokens."""
     temperature: float
+    """Sampling temperature (0: greedy)."""
     top_k: int
+    """Sample among the k likeliest tokens (0: off)."""
     top_p: float
+    """Nucleus sampling mass (1: off)."""
     batch_size: int
     """Rows (prompt x sample) per forward pass when sampling and scoring."""
     reward_fn: RewardSpec | dict
+    """The reward's weights (a RewardSpec once checked)."""
 
     def check(self, key: str) -> None:
         self.reward_fn = RewardSpec.from_dict(self.reward_fn, key=f"{key}.reward_fn")
@@ -493,10 +528,15 @@ class EvalConfig(Section):
     """Held-out comparison of the trained stages."""
 
     stages: list[str]
+    """The stages compared."""
     n_prompts: int
+    """Held-out prompts with checkable answers, answered greedily."""
     max_new_tokens: int
+    """Longest answer generated, in tokens."""
     val_batches: int
+    """Pretraining validation batches for perplexity and bits per byte."""
     n_samples: int
+    """Sample responses shown per stage in the report."""
     samples_per_prompt: int
     """Temperature-1 samples per prompt for the sampled accuracy and pass@k (0: off)."""
     batch_size: int
