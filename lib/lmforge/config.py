@@ -171,7 +171,7 @@ def _scalar_from_text(text: str, types: set[str]) -> Any:
 def coerce_strings(value: Any, schema: dict) -> Any:
     """``value`` with text turned into the integers, numbers, booleans and nulls its schema asks for.
 
-    Snakemake reads ``--config 'eval={"pass_k": 0}'`` and ``--config 'seeds=[1, 2]'`` with
+    Snakemake reads ``--config 'eval={"samples_per_prompt": 0}'`` and ``--config 'seeds=[1, 2]'`` with
     YAML's base loader, which leaves every nested scalar a string ("0", "1"). "null" and "~"
     become None wherever the schema allows null; otherwise, where it allows a string the text
     stays as it is, and text that spells none of the allowed types stays too, so that
