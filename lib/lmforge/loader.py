@@ -139,14 +139,8 @@ def build_adapted(ckpt: dict, path: str | Path, *, device="cpu"):
 
 def read_adapter(path: str | Path) -> dict:
     """The raw dict of an adapter checkpoint file (its base not yet read)."""
-    path = Path(path)
-    if not path.exists():
-        raise LmforgeError(f"checkpoint not found: {path}")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise LmforgeError(f"{path}: not a readable checkpoint ({e.__class__.__name__}: {e})") from None
-    if not isinstance(raw, dict) or raw.get("format") != "lmforge" or raw.get("kind") != "lora":
+    raw = read_file(path)
+    if raw.get("kind") != "lora":
         raise LmforgeError(f"{path}: not a LoRA adapter checkpoint (kind: lora); nothing to merge")
     return raw
 
