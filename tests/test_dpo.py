@@ -69,8 +69,15 @@ def test_losses_against_hand_computed_values():
     assert smooth.tolist() == pytest.approx([0.8 * math.log(1 + math.exp(-1)) + 0.2 * math.log(1 + math.exp(1)),
                                              0.8 * math.log(1 + math.exp(0.5)) + 0.2 * math.log(1 + math.exp(-0.5))],
                                             abs=1e-6)
-    # IPO target 1 / (2 * 0.5) = 1: (2 - 1)^2 = 1, (-1 - 1)^2 = 4.
-    assert preference_loss(c, r, beta=0.5, loss_type="ipo").tolist() == pytest.approx([1.0, 4.0])
+    # IPO on per-token log-ratios, target 1 / (2 * 0.5) = 1. Length 1: (2 - 1)^2 = 1, (-1 - 1)^2 = 4;
+    # chosen 2 tokens, rejected 4: (0.5 + 0.25 - 1)^2, (-0.25 - 0.125 - 1)^2.
+    one = torch.ones(2)
+    assert preference_loss(c, r, beta=0.5, loss_type="ipo", chosen_len=one, rejected_len=one).tolist() == \
+        pytest.approx([1.0, 4.0])
+    assert preference_loss(c, r, beta=0.5, loss_type="ipo", chosen_len=2 * one, rejected_len=4 * one).tolist() == \
+        pytest.approx([0.25 ** 2, 1.375 ** 2])
+    with pytest.raises(ValueError, match="lengths"):
+        preference_loss(c, r, beta=0.5, loss_type="ipo")
     # hinge: relu(1 - 1) = 0, relu(1 + 0.5) = 1.5.
     assert preference_loss(c, r, beta=0.5, loss_type="hinge").tolist() == pytest.approx([0.0, 1.5])
     h = torch.tensor([0.3])
@@ -96,7 +103,7 @@ def test_dpo_section_batches_and_beta():
     cfg = DPOConfig.from_dict(apply_schema({"dpo": {"batch_size": 4, "grad_accum_steps": 4}})["dpo"], "dpo")
     assert (cfg.batch_size, cfg.grad_accum_steps, cfg.beta) == (4, 4, 0.5)  # 16 pairs per step; beta's default
     with pytest.raises(LmforgeError, match=r"^config key 'dpo.label_smoothing' \(0.1\) applies only to loss_type "
-                                           r"sigmoid, not 'hinge'$"):
+                                           r"sigmoid or simpo, not 'hinge'$"):
         DPOConfig.from_dict(apply_schema({"dpo": {"label_smoothing": 0.1, "loss_type": "hinge"}})["dpo"], "dpo")
 
 
@@ -149,9 +156,9 @@ def test_reference_logps_computed_once_per_pair_and_loss_uses_the_cache(tok):
         assert metrics["logps/chosen"] == pytest.approx(lc.mean().item(), abs=1e-4)
         assert metrics["tokens"] == sum(2 * len(examples[i].prompt) + len(examples[i].chosen)
                                         + len(examples[i].rejected) for i in idx)
-        # RPO: plus alpha times the chosen answers' mean per-token NLL.
+        # RPO: plus alpha times the chosen answers' NLL, one mean over all their tokens.
         rpo, rpo_metrics = dpo_loss(policy, batch, beta=0.2, rpo_alpha=0.5)
-        nll = torch.tensor([-lc[j].item() / len(examples[i].chosen) for j, i in enumerate(idx)]).mean()
+        nll = -lc.sum() / sum(len(examples[i].chosen) for i in idx)
         assert rpo.item() == pytest.approx(expected.item() + 0.5 * nll.item(), abs=1e-4)
         assert rpo_metrics["nll_loss"] == pytest.approx(nll.item(), abs=1e-4) and "nll_loss" not in metrics
     assert (ref.calls, ref.rows) == (3, 14)  # training never runs the reference

@@ -318,19 +318,32 @@ class DPOConfig(TrainConfig):
     beta: float
     """Strength of the implicit KL to the reference."""
     loss_type: str
-    """sigmoid | ipo | hinge."""
+    """sigmoid | ipo | hinge | simpo | orpo (the last two reference-free)."""
     label_smoothing: float
-    """Conservative DPO: assumed share of flipped labels (sigmoid loss only)."""
+    """Conservative DPO: assumed share of flipped labels (sigmoid and simpo losses only)."""
     rpo_alpha: float
     """Weight of the chosen answers' per-token NLL (RPO; 0: plain DPO)."""
+    simpo_gamma_beta_ratio: float = 0.5
+    """simpo: the target margin as a multiple of beta."""
+    orpo_lambda: float = 0.1
+    """orpo: weight of the odds-ratio term beside the NLL."""
     lora: dict | None
     """LoRA/QLoRA adapters (the reference is then the policy with them off), or null."""
 
     def check(self, key: str) -> None:
         super().check(key)
-        if self.label_smoothing and self.loss_type != "sigmoid":
+        if self.label_smoothing and self.loss_type not in ("sigmoid", "simpo"):
             raise LmforgeError(f"config key '{key}.label_smoothing' ({self.label_smoothing}) applies only to "
-                               f"loss_type sigmoid, not {self.loss_type!r}")
+                               f"loss_type sigmoid or simpo, not {self.loss_type!r}")
+        if self.rpo_alpha and self.loss_type == "orpo":
+            raise LmforgeError(f"config key '{key}.rpo_alpha' ({self.rpo_alpha}): loss_type orpo already adds the "
+                               f"chosen answers' NLL; set rpo_alpha to 0")
+        if self.simpo_gamma_beta_ratio < 0:
+            raise LmforgeError(f"config key '{key}.simpo_gamma_beta_ratio' ({self.simpo_gamma_beta_ratio}) must be "
+                               f">= 0 (a negative target margin rewards preferring the rejected answer)")
+        if self.orpo_lambda <= 0:
+            raise LmforgeError(f"config key '{key}.orpo_lambda' ({self.orpo_lambda}) must be > 0 (0 is plain SFT "
+                               f"on the chosen answers)")
         check_lora(self.lora, key)
 
 
@@ -418,6 +431,8 @@ class PPOConfig(RolloutConfig):
     """Weight of the value loss."""
     value_model: str
     """separate: a critic with its own trunk | shared: a value head on the policy."""
+    score_position: str = "last_token"
+    """last_token: the score on the last response token | after_eos: one step past <|end|>."""
 
 
 @dataclass(kw_only=True)
@@ -436,6 +451,8 @@ class GRPOConfig(RolloutConfig):
     """Weight of the k3 KL to the reference; 0: no reference at all."""
     loss_type: str
     """grpo | dr_grpo | dapo."""
+    dapo_normalizer: str = "rollout"
+    """dapo: rollout: divide by the iteration's tokens / its steps per pass (TRL) | minibatch: by the mini-batch's."""
     oversample: int = 1
     """Sample up to this many batches of prompts to find groups whose rewards differ."""
     step_reward: float = 0.0

@@ -24,7 +24,8 @@ from lmforge.evaluate import greedy_responses
 from lmforge.sections import DPOConfig, TrainConfig
 from lmforge.stages.common import (N_SAMPLES, load_trainable, publish, resume_fingerprint, run_summary, sample_logger,
                                    setup)
-from lmforge.train.dpo import DPOBatches, dpo_loss, dpo_stats, encode_dpo_pairs, evaluate_dpo, reference_logprobs
+from lmforge.train.dpo import (REFERENCE_FREE, DPOBatches, dpo_loss, dpo_stats, encode_dpo_pairs, evaluate_dpo,
+                               reference_logprobs)
 from lmforge.train.loop import final_weights, train
 from lmforge.train.policy import load_reference
 
@@ -63,12 +64,15 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
     beta = float(DPOConfig.from_dict(section, key="dpo").beta)
     tcfg = TrainConfig.from_dict(section, key="dpo")
     dist.check_batch(tcfg.batch_size, "dpo.batch_size")
-    loss_kw = dict(beta=beta, loss_type=section["loss_type"], label_smoothing=section["label_smoothing"])
+    loss_kw = dict(beta=beta, loss_type=section["loss_type"], label_smoothing=section["label_smoothing"],
+                   simpo_gamma_beta_ratio=section["simpo_gamma_beta_ratio"], orpo_lambda=section["orpo_lambda"])
+    reference_free = section["loss_type"] in REFERENCE_FREE
     # LoRA: the policy starts as the base exactly (B = 0)
     policy, tok, ckpt = load_trainable(inputs["policy"], section, "dpo", device)
     mcfg = ckpt["model_config"]
     reference = inputs.get("reference")
-    ref_model = load_reference(reference, inputs["policy"], ckpt, device=device, key="dpo.reference") if reference else None
+    ref_model = (load_reference(reference, inputs["policy"], ckpt, device=device, key="dpo.reference")
+                 if reference and not reference_free else None)
     seq = mcfg["max_seq_len"] if ref_model is None else min(mcfg["max_seq_len"], ref_model.cfg.max_seq_len)
 
     task_data = make_task_data(params["data"]["builtin"], params["seed"])
@@ -86,12 +90,17 @@ def run(params: dict, inputs: dict, outputs: dict, env) -> dict:
     # The reference is frozen: score each pair the run will read with it once, then let it go (the
     # training stream may hold more pairs than max_steps reaches). Without dpo.reference it is the
     # SFT model, i.e. the policy before its first step (a resumed run loads its weights later).
+    # A reference-free loss (simpo, orpo) reads log p_ref = 0 and never runs a reference.
     t0 = time.perf_counter()
     scorer = ref_model if ref_model is not None else policy
     cache = dict(batch_size=tcfg.batch_size, pad_id=tok.pad_id, device=device)
-    train_batches.set_reference(reference_logprobs(scorer, train_ex, **cache,
-                                                   only=train_batches.needed(tcfg.max_steps, tcfg.eval_steps)))
-    val_batches.set_reference(reference_logprobs(scorer, val_ex, **cache))
+    if reference_free:
+        train_batches.set_reference(torch.zeros(len(train_ex), 2))
+        val_batches.set_reference(torch.zeros(len(val_ex), 2))
+    else:
+        train_batches.set_reference(reference_logprobs(scorer, train_ex, **cache,
+                                                       only=train_batches.needed(tcfg.max_steps, tcfg.eval_steps)))
+        val_batches.set_reference(reference_logprobs(scorer, val_ex, **cache))
     del scorer, ref_model
     ref_s = time.perf_counter() - t0
 

@@ -6,22 +6,37 @@ the log-probabilities summed over each response's tokens, a pair's loss is
 
 * ``sigmoid``: ``-(1 - ls) log sigmoid(beta h) - ls log sigmoid(-beta h)``; ``ls``
   (label smoothing) > 0 is conservative DPO, for labels flipped with probability ls;
-* ``ipo``: ``(h - 1 / (2 beta))^2`` (Azar et al. 2023), which stops pushing once the
-  log-ratio gap reaches its target instead of driving it to infinity;
+* ``ipo``: ``(h' - 1 / (2 beta))^2`` (Azar et al. 2023), with ``h'`` the gap of the
+  log-ratios each divided by its response's length (TRL's form, which the IPO authors
+  confirmed): it stops pushing once the gap reaches its target instead of driving it to infinity;
 * ``hinge``: ``relu(1 - beta h)`` (the SLiC loss).
 
-``rpo_alpha`` > 0 adds ``rpo_alpha`` times the chosen response's mean per-token
-negative log-likelihood (RPO, Pang et al. 2024; TRL's ``rpo_alpha``): DPO alone
-can lower the likelihood of the chosen answers too, and the freed mass then goes
-to responses no pair shows (an empty answer, say); the NLL term holds it on them.
+Two losses need no reference model at all (``REFERENCE_FREE``; no reference is
+loaded or run), and compare the policy's own per-token mean log-probs
+``a = log p(response) / its length``:
+
+* ``simpo``: ``-(1 - ls) log sigmoid(beta (a_c - a_r) - gamma) - ls log sigmoid(...)``,
+  ``gamma = simpo_gamma_beta_ratio * beta`` the target margin (Meng et al. 2024; TRL's
+  CPO ``loss_type="simpo"``);
+* ``orpo``: ``-orpo_lambda log sigmoid(log odds(a_c) - log odds(a_r))``, odds(a) =
+  e^a / (1 - e^a), plus the chosen answers' NLL (Hong et al. 2024; TRL's ORPO, whose
+  NLL also covers the prompt tokens; here it covers the chosen responses only, as the paper's).
+
+``rpo_alpha`` > 0 adds ``rpo_alpha`` times the chosen responses' negative log-likelihood,
+one mean over all their tokens (RPO, Pang et al. 2024; TRL's ``loss_type=["sigmoid", "sft"]``,
+``loss_weights=[1, rpo_alpha]``): DPO alone can lower the likelihood of the chosen answers
+too, and the freed mass then goes to responses no pair shows (an empty answer, say); the
+NLL term holds it on them.
 
 The reference is frozen, so its log-probs of every pair are computed once
 before training (``reference_logprobs``) and carried in each batch: the
 reference never runs during training. ``beta * (log p - log p_ref)`` is the
-implicit reward of a response; the metrics use TRL's names for it.
+implicit reward of a response (``beta * a`` for the reference-free losses, as TRL
+logs them); the metrics use TRL's names for it.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
@@ -34,7 +49,8 @@ from lmforge.train.policy import CompletionBatch, completion_batch, sequence_log
 from lmforge.train.reward import encode_pairs
 from lmforge.train.sft import epoch_order
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "simpo", "orpo")
+REFERENCE_FREE = ("simpo", "orpo")  # losses of the policy alone: no reference model is loaded or run
 
 
 # --------------------------------------------------------------------------- losses (pure)
@@ -46,7 +62,7 @@ def sigmoid_loss(h: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> 
 
 
 def ipo_loss(h: torch.Tensor, beta: float) -> torch.Tensor:
-    """Per-pair IPO loss, (B,): squared distance of h from its target 1 / (2 beta)."""
+    """Per-pair IPO loss, (B,): squared distance of the (per-token) log-ratio gap h from its target 1 / (2 beta)."""
     return (h - 1 / (2 * beta)) ** 2
 
 
@@ -55,17 +71,49 @@ def hinge_loss(h: torch.Tensor, beta: float) -> torch.Tensor:
     return F.relu(1 - beta * h)
 
 
+def simpo_loss(mean_c: torch.Tensor, mean_r: torch.Tensor, beta: float, gamma_beta_ratio: float,
+               label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-pair SimPO loss, (B,), from the policy's per-token mean log-probs; target margin gamma = ratio * beta."""
+    return sigmoid_loss(mean_c - mean_r - gamma_beta_ratio, beta, label_smoothing)
+
+
+def log_odds(mean_logp: torch.Tensor) -> torch.Tensor:
+    """log(p / (1 - p)) of p = exp(mean_logp) < 1, computed without cancellation near p = 1 or p = 0."""
+    x = mean_logp.float()
+    log1m_p = torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+    return x - log1m_p
+
+
+def orpo_loss(mean_c: torch.Tensor, mean_r: torch.Tensor, orpo_lambda: float) -> torch.Tensor:
+    """Per-pair odds-ratio term of ORPO, (B,): -lambda log sigmoid(log odds(chosen) - log odds(rejected))."""
+    return -orpo_lambda * F.logsigmoid(log_odds(mean_c) - log_odds(mean_r))
+
+
 def preference_loss(chosen_logratio: torch.Tensor, rejected_logratio: torch.Tensor, *, beta: float,
-                    loss_type: str = "sigmoid", label_smoothing: float = 0.0) -> torch.Tensor:
-    """Per-pair loss (B,) from log p - log p_ref of the chosen and rejected responses, each (B,)."""
+                    loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+                    chosen_len: torch.Tensor | None = None, rejected_len: torch.Tensor | None = None,
+                    simpo_gamma_beta_ratio: float = 0.5, orpo_lambda: float = 0.1) -> torch.Tensor:
+    """Per-pair loss (B,) from log p - log p_ref of the chosen and rejected responses, each (B,).
+
+    For the reference-free losses the log-ratios are the policy's log p alone (log p_ref = 0).
+    ``chosen_len``/``rejected_len`` (B,): response lengths in tokens, needed by ipo, simpo and orpo.
+    """
     h = chosen_logratio - rejected_logratio
     if loss_type == "sigmoid":
         return sigmoid_loss(h, beta, label_smoothing)
-    if loss_type == "ipo":
-        return ipo_loss(h, beta)
     if loss_type == "hinge":
         return hinge_loss(h, beta)
-    raise LmforgeError(f"config key 'dpo.loss_type': {loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
+    if loss_type not in LOSS_TYPES:
+        raise LmforgeError(f"config key 'dpo.loss_type': {loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
+    if chosen_len is None or rejected_len is None:
+        raise ValueError(f"loss_type {loss_type!r} needs the responses' lengths (chosen_len, rejected_len)")
+    mean_c = chosen_logratio / chosen_len.clamp(min=1)
+    mean_r = rejected_logratio / rejected_len.clamp(min=1)
+    if loss_type == "ipo":
+        return ipo_loss(mean_c - mean_r, beta)
+    if loss_type == "simpo":
+        return simpo_loss(mean_c, mean_r, beta, simpo_gamma_beta_ratio, label_smoothing)
+    return orpo_loss(mean_c, mean_r, orpo_lambda)
 
 
 @torch.no_grad()
@@ -77,6 +125,15 @@ def dpo_metrics(logp_c: torch.Tensor, logp_r: torch.Tensor, ref_c: torch.Tensor,
     return {"rewards/chosen": r_c.mean().item(), "rewards/rejected": r_r.mean().item(),
             "rewards/margins": (r_c - r_r).mean().item(), "rewards/accuracies": (r_c > r_r).float().mean().item(),
             "logps/chosen": logp_c.mean().item(), "logps/rejected": logp_r.mean().item()}
+
+
+def pair_metrics(logp_c, logp_r, ref_c, ref_r, len_c, len_r, *, beta: float, loss_type: str) -> dict:
+    """``dpo_metrics`` as TRL logs them for the loss type: the reference-free losses (TRL's CPO/SimPO and
+    ORPO) report per-token mean log-probs, their rewards ``beta`` times those."""
+    if loss_type in REFERENCE_FREE:
+        zero = torch.zeros_like(logp_c)
+        return dpo_metrics(logp_c / len_c.clamp(min=1), logp_r / len_r.clamp(min=1), zero, zero, beta)
+    return dpo_metrics(logp_c, logp_r, ref_c, ref_r, beta)
 
 
 # --------------------------------------------------------------------------- encoding
@@ -211,42 +268,55 @@ class DPOBatches:
 # --------------------------------------------------------------------------- loss_fn / eval_fn for the loop
 
 
-def chosen_nll(logp_c: torch.Tensor, completions: CompletionBatch) -> torch.Tensor:
-    """Mean over pairs of the chosen response's per-token negative log-likelihood: -log p(chosen) / its
-    length, from the (B,) summed log-probs and the 2B-row batch (chosen rows first)."""
-    lengths = completions.response_mask.sum(-1)[:len(logp_c)].clamp(min=1)
-    return (-logp_c / lengths).mean()
+def response_lengths(completions: CompletionBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen lengths, rejected lengths) in tokens, each (B,), of a 2B-row pair batch (chosen rows first)."""
+    return completions.response_mask.sum(-1).chunk(2)
 
 
-def dpo_loss(model, batch: dict, *, beta: float, loss_type: str = "sigmoid",
-             label_smoothing: float = 0.0, rpo_alpha: float = 0.0) -> tuple[torch.Tensor, dict]:
+def chosen_nll(logp_c: torch.Tensor, len_c: torch.Tensor) -> torch.Tensor:
+    """The chosen responses' negative log-likelihood, one mean over all their tokens (TRL's ``sft`` loss),
+    from their (B,) summed log-probs and (B,) lengths."""
+    return -logp_c.sum() / len_c.sum().clamp(min=1)
+
+
+def dpo_loss(model, batch: dict, *, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+             rpo_alpha: float = 0.0, simpo_gamma_beta_ratio: float = 0.5,
+             orpo_lambda: float = 0.1) -> tuple[torch.Tensor, dict]:
     """Mean preference loss of the policy on a ``DPOBatches`` batch (plus ``rpo_alpha`` times the chosen
-    answers' NLL), with TRL's metrics and token count."""
+    answers' NLL; ORPO always adds it once), with TRL's metrics and token count."""
     logp_c, logp_r = pair_logprobs(model, batch["completions"])
+    len_c, len_r = response_lengths(batch["completions"])
     ref_c, ref_r = batch["ref_chosen"], batch["ref_rejected"]
     loss = preference_loss(logp_c - ref_c, logp_r - ref_r, beta=beta, loss_type=loss_type,
-                           label_smoothing=label_smoothing).mean()
+                           label_smoothing=label_smoothing, chosen_len=len_c, rejected_len=len_r,
+                           simpo_gamma_beta_ratio=simpo_gamma_beta_ratio, orpo_lambda=orpo_lambda).mean()
     tokens = int(batch["completions"].key_padding_mask.sum())
     extra = {}
-    if rpo_alpha:
-        nll = chosen_nll(logp_c, batch["completions"])
-        loss = loss + rpo_alpha * nll
+    nll_weight = rpo_alpha + (1.0 if loss_type == "orpo" else 0.0)
+    if nll_weight:
+        nll = chosen_nll(logp_c, len_c)
+        loss = loss + nll_weight * nll
         extra["nll_loss"] = nll.item()
-    return loss, {"tokens": tokens, **dpo_metrics(logp_c, logp_r, ref_c, ref_r, beta), **extra}
+    metrics = pair_metrics(logp_c, logp_r, ref_c, ref_r, len_c, len_r, beta=beta, loss_type=loss_type)
+    return loss, {"tokens": tokens, **metrics, **extra}
 
 
 @torch.no_grad()
 def dpo_stats(model, batches: DPOBatches, *, beta: float, loss_type: str = "sigmoid",
-              label_smoothing: float = 0.0, limit: int | None = None) -> dict:
-    """``loss`` and TRL's metrics over every pair of ``batches`` (or its first ``limit`` batches)."""
+              label_smoothing: float = 0.0, limit: int | None = None, **loss_kw) -> dict:
+    """``loss`` (the preference term, without an NLL term) and TRL's metrics over every pair of ``batches``
+    (or its first ``limit`` batches)."""
     parts = []
     for batch in batches.eval_batches(limit):
         logp_c, logp_r = pair_logprobs(model, batch["completions"])
-        parts.append(torch.stack([logp_c.float(), logp_r.float(), batch["ref_chosen"], batch["ref_rejected"]]))
-    logp_c, logp_r, ref_c, ref_r = torch.cat(parts, dim=1)
+        len_c, len_r = response_lengths(batch["completions"])
+        parts.append(torch.stack([logp_c.float(), logp_r.float(), batch["ref_chosen"], batch["ref_rejected"],
+                                  len_c.float(), len_r.float()]))
+    logp_c, logp_r, ref_c, ref_r, len_c, len_r = torch.cat(parts, dim=1)
     loss = preference_loss(logp_c - ref_c, logp_r - ref_r, beta=beta, loss_type=loss_type,
-                           label_smoothing=label_smoothing).mean()
-    return {"loss": loss.item(), **dpo_metrics(logp_c, logp_r, ref_c, ref_r, beta)}
+                           label_smoothing=label_smoothing, chosen_len=len_c, rejected_len=len_r, **loss_kw).mean()
+    return {"loss": loss.item(), **pair_metrics(logp_c, logp_r, ref_c, ref_r, len_c, len_r, beta=beta,
+                                                loss_type=loss_type)}
 
 
 def evaluate_dpo(model, batches: DPOBatches, **loss_kw) -> dict:

@@ -22,6 +22,10 @@ and the per-token losses are averaged by ``loss_type``:
   normaliser, so length earns no bias (Liu et al. 2025, "Understanding R1-Zero");
 * ``dapo``: sum over all tokens / number of response tokens (Yu et al. 2025);
   with ``clip_range_high > clip_range`` that is DAPO's token-level loss and clip-higher.
+  ``dapo_normalizer`` says which tokens: ``rollout`` (TRL's), the iteration's response
+  tokens divided by its optimizer steps per pass, one constant for every mini-batch of
+  the iteration, so each token weighs the same whatever mini-batch it lands in; or
+  ``minibatch``, the mini-batch's own. Equal when an iteration is one mini-batch.
 
 Batch terms. ``rollout_batch_size`` prompts are sampled per *iteration*, each
 ``samples_per_prompt`` times at ``temperature``; ``batch_size`` prompts (whole
@@ -152,14 +156,19 @@ def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: to
     return loss, low, high
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, max_new_tokens: int) -> torch.Tensor:
-    """Reduce per-token losses (B, T) over response tokens (mask (B, T) 0/1) to a scalar; see the module doc."""
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, max_new_tokens: int,
+              dapo_tokens: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Reduce per-token losses (B, T) over response tokens (mask (B, T) 0/1) to a scalar; see the module doc.
+
+    ``dapo_tokens``: dapo's divisor (default: the mask's own token count).
+    """
     if loss_type == "grpo":
         return masked_mean(per_token, mask, dim=1).mean()
     if loss_type == "dr_grpo":
         return (per_token * mask).sum() / (per_token.shape[0] * max_new_tokens)
     if loss_type == "dapo":
-        return (per_token * mask).sum() / mask.sum().clamp(min=1)
+        divisor = mask.sum() if dapo_tokens is None else torch.as_tensor(dapo_tokens, dtype=mask.dtype)
+        return (per_token * mask).sum() / divisor.clamp(min=1)
     raise ValueError(f"unknown loss_type {loss_type!r}")
 
 
@@ -241,7 +250,9 @@ def make_rollout(policy, tok, records: Sequence[dict], cfg: GRPOConfig, reward_f
         stats["rollout/step_accuracy"] = sum(held) / len(held) if held else float("nan")
     extra = {"advantages": advantages, "rewards": rewards,
              "correct": torch.tensor(pick["correct"]), "group_std": group_std(rewards, G),
-             "truncated": (~ro.finished).float()}
+             "truncated": (~ro.finished).float(),
+             # dapo's divisor under dapo_normalizer: rollout, the same on every row
+             "rollout_tokens": torch.full((len(ro),), float(ro.batch.response_mask.sum()))}
     chunk = cfg.batch_size * G
     if reference is not None:
         extra["ref_logps"] = chunked_logprobs(reference, ro.batch, temperature=cfg.temperature, chunk=chunk)
@@ -279,7 +290,10 @@ def grpo_loss(model, batch: dict, cfg: GRPOConfig) -> tuple[torch.Tensor, dict]:
         kl = k3_kl(logp, batch["ref_logps"])
         per_token = per_token + cfg.beta * kl
         metrics["kl"] = masked_mean(kl.detach(), mask).item()
-    loss = aggregate(per_token, mask, cfg.loss_type, cfg.max_new_tokens)
+    dapo_tokens = None
+    if cfg.loss_type == "dapo" and cfg.dapo_normalizer == "rollout" and cfg.n_minibatches > 1:
+        dapo_tokens = batch["rollout_tokens"][0] / cfg.n_minibatches
+    loss = aggregate(per_token, mask, cfg.loss_type, cfg.max_new_tokens, dapo_tokens)
     low, high = low.float(), high.float()
     metrics.update(rollout_metrics(batch, cfg.samples_per_prompt))
     metrics.update({"clip_ratio": masked_mean(low + high, mask).item(), "clip_ratio/low": masked_mean(low, mask).item(),

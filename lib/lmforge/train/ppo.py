@@ -17,10 +17,15 @@ of every row (the target positions of ``CompletionBatch.response_mask``):
   negative) or k3 = ``exp(ref_logp - logp) - (ref_logp - logp) - 1`` (>= 0);
 * the per-token reward ``r_t = -kl_coef * kl_t``, plus the sequence score (the reward
   function minus ``missing_eos_penalty`` for a response that never emitted
-  ``<|end|>``) at the last response token; optionally scaled by its std (``whiten_rewards``);
-* GAE: ``delta_t = r_t + gamma V_{t+1} - V_t`` (V = 0 after the last token),
+  ``<|end|>``) where ``score_position`` puts it: ``last_token``, on the last response
+  token with V = 0 after it (TRL 0.11's v1 ``PPOTrainer``), or ``after_eos``, one step
+  past ``<|end|>``, a state the critic values and learns too (TRL's later trainer,
+  ``PPOv2Trainer`` in 0.11, ``trl.experimental.ppo`` since; an unfinished response gets
+  it on its last token); optionally scaled by its std (``whiten_rewards``);
+* GAE: ``delta_t = r_t + gamma V_{t+1} - V_t`` (V = 0 past the last valued step),
   ``A_t = delta_t + gamma lambda A_{t+1}``; returns ``R_t = A_t + V_t``; advantages
   then whitened over all response tokens of the iteration (``whiten_advantages``).
+  Whitening divides by the unbiased (n - 1) std, as TRL's ``masked_whiten``.
 
 Per mini-batch (``ppo_loss``), with ``rho = exp(logp - old_logp)``:
 
@@ -77,6 +82,7 @@ class PPOSettings:
     vf_coef: float = 0.1
     temperature: float = 1.0
     missing_eos_penalty: float = 1.0
+    score_position: str = "last_token"
 
     @classmethod
     def from_section(cls, section: dict) -> "PPOSettings":
@@ -121,15 +127,35 @@ def last_token_mask(mask: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
-    """Per-token rewards (B, T): ``-kl_coef * kl`` on response tokens, plus ``scores`` (B,) at the last one."""
-    return (-kl_coef * kl + scores[:, None] * last_token_mask(mask)) * mask
+def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float,
+                  score_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token rewards (B, T): ``-kl_coef * kl`` on response tokens, plus ``scores`` (B,) where
+    ``score_mask`` is 1 (default: each row's last response token)."""
+    if score_mask is None:
+        return (-kl_coef * kl + scores[:, None] * last_token_mask(mask)) * mask
+    return -kl_coef * kl * mask + scores[:, None] * score_mask
+
+
+def one_step_past(batch: CompletionBatch) -> CompletionBatch:
+    """The batch with one more column and each row's first padding token marked real, so that the
+    target axis has a step after every response's last token: the state after ``<|end|>``, which
+    the critic values at that token. (Causal attention: the extra token changes no earlier output;
+    ``Rollout.select`` keeps it when it trims padding.)"""
+    pad = torch.zeros_like(batch.input_ids[:, :1])
+    real = torch.cat([batch.key_padding_mask, torch.zeros_like(pad, dtype=torch.bool)], 1)
+    real[torch.arange(len(real), device=real.device), batch.key_padding_mask.sum(1)] = True
+    return CompletionBatch(torch.cat([batch.input_ids, pad], 1), real,
+                           torch.cat([batch.response_mask, torch.zeros_like(batch.response_mask[:, :1])], 1))
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over masked positions (mean kept when not ``shift_mean``); zeros elsewhere. (B, T)."""
+    """(x - mean) / std over masked positions (mean kept when not ``shift_mean``); zeros elsewhere. (B, T).
+
+    The variance is unbiased, ``n / (n - 1)`` times the mean squared deviation, as TRL's ``masked_var``.
+    """
     mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+    n = mask.sum()
+    var = masked_mean((x - mean) ** 2, mask) * n / (n - 1).clamp(min=1)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
@@ -163,7 +189,7 @@ def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
     """PPO's clipped surrogate, a mean over masked tokens; all inputs (B, T).
 
     Returns (loss, {"policy/clipfrac": share of tokens where the clipped term won,
-    "policy/approxkl": 0.5 * mean (logp - old_logp)^2}).
+    "policy/approxkl_token": 0.5 * mean over masked tokens of (logp - old_logp)^2}).
     """
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
@@ -172,7 +198,7 @@ def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
     loss = masked_mean(torch.maximum(unclipped, clipped), mask)
     with torch.no_grad():
         stats = {"policy/clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),
-                 "policy/approxkl": 0.5 * masked_mean(log_ratio ** 2, mask).item()}
+                 "policy/approxkl_token": 0.5 * masked_mean(log_ratio ** 2, mask).item()}
     return loss, stats
 
 
@@ -301,43 +327,70 @@ def sequence_scores(reward: torch.Tensor, finished: torch.Tensor, missing_eos_pe
 @torch.no_grad()
 def prepare_rollout(model: PolicyAndValue, reference: nn.Module, rollout: Rollout, scores: torch.Tensor, *,
                     kl_coef: float, s: PPOSettings) -> dict:
-    """Fill ``rollout.extra`` with old_logp, old_values, advantages, returns, all (B, T-1).
+    """Fill ``rollout.extra`` with old_logp, old_values, advantages, returns, value_mask (B, T-1) and
+    response_width (B,).
 
-    scores: (B,) sequence scores (``sequence_scores``). Returns the iteration's
-    statistics (TRL names): objective/kl (mean sequence KL), objective/entropy
-    (mean per-token entropy), objective/non_score_reward, objective/rlhf_reward,
-    val/vf_explained_var (old values vs returns), env/response_length.
+    scores: (B,) sequence scores (``sequence_scores``). With ``score_position: after_eos``
+    the rollout's batch gains one padding column (``one_step_past``) and ``value_mask`` the
+    step after each finished response's ``<|end|>``. Returns the iteration's statistics
+    (TRL names and meanings): objective/kl (mean sequence KL), objective/entropy (mean over
+    responses of the summed -log p of their sampled tokens), objective/entropy_token (mean
+    per-token entropy of the policy's distributions), objective/non_score_reward,
+    objective/rlhf_reward, val/vf_explained_var (old values vs returns), env/response_length.
     """
+    if s.score_position == "after_eos":
+        rollout.batch = one_step_past(rollout.batch)
     batch = rollout.batch
     mask = batch.response_mask
     old_logp, entropy, old_values = model(batch, s.temperature, return_entropy=True)
     ref_logp = token_logprobs(reference, batch, temperature=s.temperature)
     kl = kl_estimate(old_logp, ref_logp, s.kl_estimator) * mask
     scores = scores.to(mask.device, torch.float)
-    rewards = token_rewards(scores, kl, mask, kl_coef)
+    if s.score_position == "after_eos":
+        finished = rollout.finished.to(mask.device)[:, None].float()
+        last = last_token_mask(mask)
+        after = last.roll(1, dims=1) * finished  # one_step_past left room: no row wraps around
+        value_mask = mask + after
+        rewards = token_rewards(scores, kl, mask, kl_coef, score_mask=last * (1 - finished) + after)
+    else:
+        value_mask = mask
+        rewards = token_rewards(scores, kl, mask, kl_coef)
     if s.whiten_rewards:
-        rewards = whiten(rewards, mask, shift_mean=False)
-    old_values = old_values * mask
-    advantages, returns = gae(rewards, old_values, mask, s.gamma, s.gae_lambda)
+        rewards = whiten(rewards, value_mask, shift_mean=False)
+    old_values = old_values * value_mask
+    advantages, returns = gae(rewards, old_values, value_mask, s.gamma, s.gae_lambda)
     if s.whiten_advantages:
         advantages = whiten(advantages, mask)
     kl_seq = kl.sum(-1)
-    rollout.extra.update(old_logp=old_logp, old_values=old_values, advantages=advantages, returns=returns)
+    lengths = mask.sum(-1)
+    rollout.extra.update(old_logp=old_logp, old_values=old_values, advantages=advantages, returns=returns,
+                         value_mask=value_mask, response_width=torch.full_like(lengths, lengths.max().item()))
     non_score = (-kl_coef * kl_seq).mean().item()
-    return {"objective/kl": kl_seq.mean().item(), "objective/entropy": masked_mean(entropy, mask).item(),
+    return {"objective/kl": kl_seq.mean().item(), "objective/entropy": (-old_logp * mask).sum(-1).mean().item(),
+            "objective/entropy_token": masked_mean(entropy, mask).item(),
             "objective/non_score_reward": non_score, "objective/rlhf_reward": scores.mean().item() + non_score,
             "objective/scores": scores.mean().item(),
-            "val/vf_explained_var": explained_variance(old_values, returns, mask),
-            "env/response_length": mask.sum(-1).mean().item(), "kl_coef": kl_coef}
+            "val/vf_explained_var": explained_variance(old_values, returns, value_mask),
+            "env/response_length": lengths.mean().item(), "kl_coef": kl_coef}
 
 
 def ppo_loss(model: PolicyAndValue, batch: dict, *, s: PPOSettings) -> tuple[torch.Tensor, dict]:
-    """Clipped policy loss + vf_coef * clipped value loss on a mini-batch from ``Rollout.select``."""
+    """Clipped policy loss + vf_coef * clipped value loss on a mini-batch from ``Rollout.select``.
+
+    ``policy/approxkl`` is TRL's: 0.5 (logp - old_logp)^2 averaged over rows x the rollout's
+    longest response, padding included (``policy/approxkl_token``: over response tokens only).
+    """
     cb: CompletionBatch = batch["batch"]
     mask = cb.response_mask
+    value_mask = batch.get("value_mask", mask)
     logp, values = model(cb, s.temperature)
     pg_loss, pg_stats = clipped_policy_loss(logp, batch["old_logp"], batch["advantages"], mask, s.clip_range)
-    vf_loss, vf_stats = clipped_value_loss(values, batch["old_values"], batch["returns"], mask, s.clip_range_value)
+    vf_loss, vf_stats = clipped_value_loss(values, batch["old_values"], batch["returns"], value_mask,
+                                           s.clip_range_value)
     loss = pg_loss + s.vf_coef * vf_loss
+    with torch.no_grad():
+        squared = ((logp - batch["old_logp"]) ** 2 * mask).sum()
+        width = batch["response_width"][0] if "response_width" in batch else mask.sum(-1).max()
+        approxkl = 0.5 * (squared / (len(cb) * width.clamp(min=1))).item()
     return loss, {"loss/policy": pg_loss.item(), "loss/value": vf_loss.item(), **pg_stats, **vf_stats,
-                  "tokens": float(cb.key_padding_mask.sum())}
+                  "policy/approxkl": approxkl, "tokens": float(cb.key_padding_mask.sum())}
