@@ -225,16 +225,27 @@ def ckpts(tok, tmp_path_factory):
     return {"policy": policy, "reward_model": rm, "other": other}
 
 
-@pytest.mark.parametrize("value_model", ["separate", "shared"])
-def test_prepare_rollout_then_loss_starts_at_ratio_one(tok, value_model):
+@pytest.mark.parametrize("value_model,score_position", [("separate", "last_token"), ("shared", "last_token"),
+                                                         ("separate", "after_eos")])
+def test_prepare_rollout_then_loss_starts_at_ratio_one(tok, value_model, score_position):
     torch.manual_seed(0)
     policy = tiny_transformer(tok, 0)
     reference = tiny_transformer(tok, 0).eval()
     model = PolicyAndValue(policy, value_model=value_model)
     records = [{"prompt": f"What is {i} + 3?"} for i in range(4)]
     ro = sample_rollout(policy, tok, records, n_per_prompt=1, max_new_tokens=6, temperature=1.0)
-    s = PPOSettings(kl_coef=0.1)
-    stats = prepare_rollout(model, reference, ro, torch.tensor([1.0, 0.0, -1.0, 2.0]), kl_coef=0.1, s=s)
+    ro.finished = torch.tensor([True, False, True, True])  # rows 0, 2, 3 as if they had ended with <|end|>
+    s = PPOSettings(kl_coef=0.1, score_position=score_position)
+    scores = torch.tensor([1.0, 0.0, -1.0, 2.0])
+    response_tokens = ro.batch.response_mask.sum()
+    stats = prepare_rollout(model, reference, ro, scores, kl_coef=0.1, s=s)
+    value_mask = ro.extra["value_mask"]
+    if score_position == "after_eos":  # one more valued step per finished row, whose return is its score
+        assert value_mask.sum() == response_tokens + 3
+        after = (value_mask - ro.batch.response_mask).bool()
+        assert ro.extra["returns"][after].tolist() == pytest.approx([1.0, -1.0, 2.0])
+    else:
+        torch.testing.assert_close(value_mask, ro.batch.response_mask)
     assert stats["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # policy == reference
     mask = ro.batch.response_mask
     assert ro.extra["advantages"][mask > 0].mean().item() == pytest.approx(0, abs=1e-5)
