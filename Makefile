@@ -31,8 +31,10 @@ test: setup
 
 # The library in one process: no Snakemake, SLURM, MLflow server, torchrun, subprocess,
 # torch.compile or whole-stage training run (those carry the `integration` marker, see pyproject.toml).
+# One torch thread: the tests' tensors are tiny, and on a busy machine a second OpenMP thread
+# waiting for a core made them several times slower.
 test-unit: setup
-	$(BIN)/python -m pytest -q -m "not integration"
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not integration"
 
 test-fast: test-unit
 
