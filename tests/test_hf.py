@@ -11,7 +11,7 @@ from lmforge.config import check_config
 from lmforge.errors import LmforgeError
 from lmforge.loader import load_model, read_checkpoint
 from lmforge.model import ModelConfig, Transformer, yarn_attention_scale, yarn_frequencies
-from lmforge.tokenizer import LMTokenizer
+from lmforge.tokenizer import SPECIAL_TOKENS, LMTokenizer
 from test_model import build
 
 TEXTS = [f"The number {i} is {'even' if i % 2 == 0 else 'odd'} and {i * 3} is bigger." for i in range(300)]
@@ -330,3 +330,34 @@ def test_a_hub_id_goes_through_snapshot_download(tmp_path, tok, monkeypatch):
     assert calls[0][0] == "someone/tiny" and "*.safetensors" in calls[0][1] and "tokenizer.json" in calls[0][1]
     with pytest.raises(LmforgeError, match=r"'hf:someone/else': not a local folder, and fetching .* failed .*offline"):
         hf.resolve("hf:someone/else")
+
+
+OLD_CHAT_TEMPLATE = (  # the template before it marked the assistant's tokens; rendering must not change
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+def test_exported_chat_template_gives_the_sft_loss_mask_as_assistant_mask(tmp_path, tok):
+    """transformers' assistant mask of the exported tokenizer is render_chat's loss mask (assistant content and
+    its <|end|>), so TRL's assistant-only SFT accepts the template; rendering without the flag is unchanged."""
+    transformers = pytest.importorskip("transformers")
+    tok.save(tmp_path)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    conversations = [CHAT, CHAT + [{"role": "user", "content": "And 5?"}, {"role": "assistant", "content": "No."}],
+                     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""},
+                      {"role": "user", "content": "Say 12 + 4"}, {"role": "assistant", "content": "12 + 4 = 16"}]]
+    for chat in conversations:
+        ids, mask = tok.render_chat(chat)
+        out = theirs.apply_chat_template(chat, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        assert list(out["input_ids"]) == ids and list(out["assistant_masks"]) == mask
+        for generation_prompt in (False, True):
+            kw = dict(tokenize=False, add_generation_prompt=generation_prompt)
+            assert theirs.apply_chat_template(chat, **kw) == theirs.apply_chat_template(
+                chat, chat_template=OLD_CHAT_TEMPLATE, **kw)
+    trl_templates = pytest.importorskip("trl.chat_template_utils")
+    assert trl_templates.has_generation_markers(theirs.chat_template)
+    assert trl_templates.is_chat_template_stop_token_trained(theirs)
+    # An import still finds <|end|> as the turn end (the markers are no plain-jinja tags).
+    assert hf._turn_end(theirs.chat_template, SPECIAL_TOKENS, "<|bos|>", "<|eos|>") == "<|end|>"

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -325,6 +326,8 @@ def _turn_end(template: str | None, specials: list[str], bos: str | None, eos: s
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = raise_exception
     messages = [{"role": "user", "content": "question"}, {"role": "assistant", "content": marker}]
+    # transformers' {% generation %} markers (assistant masks) change no text: drop them for plain jinja.
+    template = re.sub(r"{%-?\s*(end)?generation\s*-?%}", "", template)
     try:
         text = env.from_string(template).render(messages=messages, add_generation_prompt=False,
                                                 bos_token=bos or "", eos_token=eos or "")

@@ -26,9 +26,14 @@ ROLES = ("system", "user", "assistant")
 ROLE_TOKENS = {r: f"<|{r}|>" for r in ROLES}
 SPECIAL_TOKENS = [PAD, BOS, EOS, END, *ROLE_TOKENS.values()]
 
+# ``{% generation %}`` marks what ``render_chat``'s loss mask trains on (assistant content and its
+# ``<|end|>``): transformers' ``return_assistant_tokens_mask`` then gives that mask, which TRL's
+# assistant-only SFT needs. Rendering without the flag ignores the markers.
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|assistant|>' }}{% generation %}{{ message['content'] + '<|end|>' }}{% endgeneration %}"
+    "{% else %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )
 
