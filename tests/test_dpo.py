@@ -333,3 +333,15 @@ def test_on_policy_pairs_without_the_scored_file_is_an_error(tmp_path, tok, on_p
     sft = save_lm(tmp_path / "sft.pt", tiny_model(tok, seed=4), tok)
     with pytest.raises(LmforgeError, match=rf"^config key 'dpo.on_policy' is {on_policy}, but no scored pairs file"):
         run_stage(tmp_path, {"policy": sft}, on_policy=on_policy)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("loss_type", ["simpo", "orpo"])
+def test_reference_free_losses_load_and_run_no_reference(tmp_path, tok, monkeypatch, loss_type):
+    sft = save_lm(tmp_path / "sft.pt", tiny_model(tok, seed=4), tok)
+    monkeypatch.setattr(stage, "reference_logprobs", lambda *a, **k: pytest.fail("a reference forward"))
+    monkeypatch.setattr(stage, "load_reference", lambda *a, **k: pytest.fail("a reference load"))
+    ref = save_lm(tmp_path / "ref.pt", tiny_model(tok, seed=5), tok)  # named, and never loaded
+    metrics, out = run_stage(tmp_path, {"policy": sft, "reference": ref}, loss_type=loss_type, rpo_alpha=0.0)
+    assert metrics["loss_type"] == loss_type and metrics["steps"] == 3 and metrics["reference_s"] < 1
+    assert 0 <= metrics["val_accuracy"] <= 1
