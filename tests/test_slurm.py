@@ -261,4 +261,5 @@ def test_a_cancelled_job_fails_the_run_and_the_rerun_resumes(slurm, tmp_path):
     assert set(submitted(rerun.out)) == {"pretrain"}
     metrics = json.loads((tmp_path / "results/pretrain/metrics.json").read_text())
     assert metrics["resumed_from"] == killed_at and metrics["steps"] == 2000
-    assert f"[pretrain] resumed at step {killed_at}" in (tmp_path / "results/logs/pretrain.log").read_text()
+    assert f"[pretrain] resumed {ckpt.relative_to(tmp_path)} at step {killed_at}" in (
+        tmp_path / "results/logs/pretrain.log").read_text()
