@@ -9,6 +9,7 @@ new name. Every message names the key. Torch-free.
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +44,16 @@ RENAMED = {
 }
 
 
-def load_schema() -> dict:
+@functools.lru_cache(maxsize=None)
+def _schema_text_parsed() -> dict:
+    # libyaml's loader where PyYAML has it: building the DAG parses the schema on every snakemake call.
     with open(SCHEMA_PATH) as f:
-        return yaml.safe_load(f)
+        return yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
+def load_schema() -> dict:
+    """The config schema (a fresh copy: callers may change theirs)."""
+    return copy.deepcopy(_schema_text_parsed())
 
 
 def _fill_defaults(node: dict, schema: dict) -> None:

@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
-import yaml
-
-SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
+from lmforge.config import load_schema
 
 HEADER = """\
 # Config reference
@@ -30,10 +27,6 @@ allowed ones are errors that name the key. Nested keys are written with dots:
 `data.builtin.noise.wrong` is `wrong` under `noise` under `builtin` in the
 `data` section.
 """
-
-
-def load_schema(path: Path = SCHEMA_PATH) -> dict:
-    return yaml.safe_load(path.read_text())
 
 
 def render(schema: dict) -> str:
